@@ -1,0 +1,262 @@
+"""The one configuration model of a pipeline run, validated once at the edge.
+
+Loaded from YAML (`load_config`), overridden by `--set KEY=VALUE` (`apply_overrides`) and passed
+as the Prefect flow's parameter, so the Prefect UI renders it as a form. Below this module, stages
+receive plain typed values. Unknown keys are rejected with the closest valid key; combinations
+that cannot work are rejected with the reason and the alternative.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user (file, key, what to do)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "embedded:tiny-qwen2",
+        description="Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), local folder, or embedded:tiny-qwen2 "
+        "(a tiny Qwen2 that ftflow builds itself; no download).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model repo. Off unless you trust the repo."
+    )
+
+
+class DataConfig(_Section):
+    train: list[str] = Field(..., description="Input files, folders or globs (relative to the config file).")
+    eval: list[str] = Field(default_factory=list, description="Explicit held-out files; else split from train.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
+        "auto", description="Input format; auto detects it per file."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map your field names to canonical ones, e.g. {question: instruction}."
+    )
+    system_prompt: str | None = Field(None, description="System message added to samples that have none.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share held out when no eval file is given.")
+    split_seed: int = Field(0, description="Seed of the id-hash train/eval split.")
+    on_bad_row: Literal["quarantine", "raise"] = Field(
+        "quarantine", description="quarantine: keep going, write rejects; raise: fail on the first bad row."
+    )
+    max_reject_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Fail the run above this rejected share.")
+
+
+class TokenizeConfig(_Section):
+    template: str = Field(
+        "auto", description="auto (the tokenizer's chat template), chatml, llama2, plain, or a path to a .jinja file."
+    )
+    objective: Literal["sft", "pretrain"] = Field("sft", description="sft: train assistant replies only; pretrain: every token.")
+    train_on: Literal["all_assistant", "last_assistant"] = Field("all_assistant", description="Which assistant turns sft trains.")
+    max_length: int = Field(512, gt=8, description="Longest sample in tokens.")
+    length_policy: Literal["drop", "truncate", "raise"] = Field("drop", description="What to do with longer samples.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
+    modules_to_save: list[str] = Field(default_factory=list)
+    use_dora: bool = False
+    merge: bool = Field(False, description="Also export the adapter merged into the base model.")
+
+
+class QuantConfig(_Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class TrainConfig(_Section):
+    mode: Literal["full", "lora", "qlora"] = "full"
+    deepspeed: str | None = Field(
+        "configs/deepspeed/zero3.json", description="DeepSpeed config file (relative to the project), or null for DDP."
+    )
+    nproc_per_node: int = Field(2, ge=1, description="Ranks per node (GPUs per node; CPU processes here).")
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(0, ge=0, le=65535, description="0 picks a free port (single node only).")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Optimizer steps; -1 means run `epochs`.")
+    micro_batch_size: int = Field(8, ge=1, description="Samples per rank per forward pass.")
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_beta2: float = Field(0.999, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    gradient_checkpointing: bool = False
+    batching: Literal["auto", "padded", "packed"] = Field(
+        "auto", description="padded: length-grouped dynamic padding; packed: padding-free packing; auto picks per device."
+    )
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    logging_steps: int = Field(5, ge=1)
+    seed: int = 42
+    timeout_minutes: float = Field(600, gt=0, description="Kill every rank after this long.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+
+
+class GenerationConfigModel(_Section):
+    max_new_tokens: int = Field(64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(32, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="Score at most this many held-out samples.")
+    generation: GenerationConfigModel = Field(default_factory=GenerationConfigModel)
+
+
+class RegistryConfig(_Section):
+    model_name: str = Field("ftflow-demo", description="Registered model name in MLflow.")
+    experiment: str = Field("ftflow", description="MLflow experiment of the runs.")
+
+
+class PromoteConfig(_Section):
+    metric: Literal["exact_match", "char_f1"] = "exact_match"
+    min_improvement: float = Field(0.0, description="Challenger must beat champion by more than this.")
+    no_regress: list[Literal["exact_match", "char_f1"]] = Field(default_factory=list)
+
+
+class PipelineConfig(_Section):
+    """A whole pipeline run: data → tokens → training → model → registry → scores → alias."""
+
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Run name (folder-safe).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    base_dir: str = Field(".", description="Folder that relative data paths are read from (the config's folder).")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "PipelineConfig":
+        t = self.train
+        if t.mode == "qlora" and t.deepspeed and _zero_stage(t.deepspeed) == 3:
+            raise ValueError(
+                "train.mode=qlora cannot run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned). "
+                "Use configs/deepspeed/zero2.json, or train.mode=lora with ZeRO-3."
+            )
+        if t.nnodes > 1 and t.master_port == 0:
+            raise ValueError("train.nnodes > 1 needs an explicit train.master_port that every node uses.")
+        if t.precision == "fp16" and t.mode == "qlora":
+            raise ValueError("train.mode=qlora with precision=fp16 is unstable; use precision=bf16.")
+        return self
+
+
+def _zero_stage(path: str) -> int | None:
+    import json
+
+    p = Path(path)
+    if not p.is_absolute():
+        p = Path(__file__).resolve().parent.parent / p
+    if not p.exists():
+        return None
+    try:
+        return int(json.loads(p.read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (ValueError, json.JSONDecodeError):
+        return None
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    valid = _valid_keys(PipelineConfig)
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+            close = difflib.get_close_matches(key, [k for k in valid if k.startswith(parent)], n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  - unknown key '{key}'.{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  - missing required key '{key}'.")
+        elif key:
+            lines.append(f"  - '{key}': {e['msg']} (got {e.get('input')!r}).")
+        else:
+            lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def validate(raw: dict[str, Any], source: str = "<config>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs with dotted keys; VALUE is parsed as YAML (numbers, bools, lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.seed=7")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; try configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    raw.setdefault("base_dir", str(path.resolve().parent))
+    return validate(raw, str(path))
+
+
+def resolve_data_path(cfg: PipelineConfig, p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else (Path(cfg.base_dir) / path).resolve()
+
+
+def project_path(p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else (Path(__file__).resolve().parent.parent / path).resolve()

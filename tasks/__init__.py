@@ -1,0 +1,1 @@
+"""Pipeline stages. Each module holds plain, testable logic; `tasks.prefect_tasks` wraps them."""

@@ -1,0 +1,138 @@
+"""The embedded default base model, and resolution of `model.name_or_path`.
+
+`embedded:tiny-qwen2` is a Qwen2-architecture causal LM that ftflow builds itself, so every
+stage runs for real on a machine with no GPU and no Hugging Face Hub:
+- a byte-level BPE tokenizer trained on the demo data, with the ChatML special tokens
+  `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (end of turn = eos) and a ChatML chat template.
+  Pad is deliberately *not* eos (seed 001's trap: masking pad == eos means eos is never learned);
+- `Qwen2ForCausalLM` initialised from a fixed seed.
+The build is deterministic (byte-identical files on every build) and cached under the state dir.
+Any other value is passed to `from_pretrained` unchanged (a hub id or a local folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ftflow.utils import atomic_dir, sha256_file, state_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = ("tiny-qwen2",)
+BUILD_VERSION = "1"  # bump when the build below changes: it is part of the cache folder name
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# 2 layers x 96 wide: ~0.3M parameters, learns the demo's reverse task in well under a minute on CPU.
+TINY_QWEN2 = dict(
+    hidden_size=96,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
+VOCAB_SIZE = 640
+SEED = 0
+
+
+def build_tiny_qwen2(out_dir: Path) -> None:
+    """Write tokenizer, config, generation config and weights of the tiny model into `out_dir`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from ftflow.demo import tokenizer_corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=TINY_QWEN2["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+    tok.padding_side = "right"
+    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert eos_id != pad_id
+
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        **TINY_QWEN2,
+    )
+    torch.manual_seed(SEED)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[eos_id, pad_id], pad_token_id=pad_id, do_sample=False, max_new_tokens=64
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+
+def embedded_model_dir(name: str) -> Path:
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"unknown embedded model {EMBEDDED_PREFIX}{name!r}; choose one of "
+            + ", ".join(EMBEDDED_PREFIX + m for m in EMBEDDED_MODELS)
+        )
+    out = state_dir() / "models" / f"{name}-v{BUILD_VERSION}"
+    if not (out / "model.safetensors").exists():
+        log.info("building embedded base model %s into %s", name, out)
+        with atomic_dir(out) as tmp:
+            build_tiny_qwen2(tmp)
+    return out
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A string `from_pretrained` accepts: a local folder, or a hub id left as it is.
+
+    For local folders `HF_HUB_OFFLINE=1` is set so nothing waits on network retries.
+    """
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return str(embedded_model_dir(name_or_path[len(EMBEDDED_PREFIX):]))
+    if Path(name_or_path).expanduser().exists():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return str(Path(name_or_path).expanduser().resolve())
+    return name_or_path
+
+
+def model_fingerprint(path: str) -> str:
+    """Content hash of a local model's weights + tokenizer (the hub id itself otherwise)."""
+    p = Path(path)
+    if not p.exists():
+        return path
+    files = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in {".json", ".safetensors", ".jinja", ".txt", ".model"})
+    import hashlib
+
+    h = hashlib.sha256()
+    for q in files:
+        h.update(q.name.encode())
+        h.update(sha256_file(q).encode())
+    return h.hexdigest()

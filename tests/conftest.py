@@ -1,0 +1,45 @@
+"""Shared fixtures. Every test session gets its own FTFLOW_HOME, so tests never touch `.ftflow/`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="ftflow-test-home-"))
+os.environ["FTFLOW_HOME"] = str(_HOME)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ftflow_home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The embedded tiny Qwen2 (tokenizer + random init), built once per test session."""
+    from tasks.base_model import resolve_model_path
+
+    return Path(resolve_model_path("embedded:tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    return REPO / "data" / "demo"
+
+
+@pytest.fixture()
+def mlflow_sqlite(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow SQLite store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("FTFLOW_HOME", str(tmp_path / "home"))
+    return uri
