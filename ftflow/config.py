@@ -105,6 +105,10 @@ class TrainConfig(_Section):
     batching: Literal["auto", "padded", "packed"] = Field(
         "auto", description="padded: length-grouped dynamic padding; packed: padding-free packing; auto picks per device."
     )
+    group_by_length: bool = Field(
+        True, description="Batch samples of similar length (less padding, faster). Turn off for data whose lengths "
+        "fall into a few classes: every batch would then hold one class, which slows learning."
+    )
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     logging_steps: int = Field(5, ge=1)
@@ -252,7 +256,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     return validate(raw, str(path))
 
 
-def resolve_data_path(cfg: PipelineConfig, p: str) -> Path:
+def resolve_data_path(cfg: PipelineConfig, p: str) -> Path | str:
+    """A data input relative to the config's folder; `hf:NAME[:SPLIT]` dataset ids pass unchanged."""
+    if p.startswith("hf:"):
+        return p
     path = Path(p).expanduser()
     return path if path.is_absolute() else (Path(cfg.base_dir) / path).resolve()
 

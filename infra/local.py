@@ -27,6 +27,8 @@ def configure_environment() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "GIT_PYTHON_REFRESH": "quiet",
+        # ftflow's own loggers (stage logic, rank 0's output) go to the Prefect run log too.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "ftflow",
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)

@@ -1,0 +1,472 @@
+"""The scoring stage: load a model (registry or folder), generate on held-out prompts, score the replies.
+
+Replaces seed 004's loop (one `generate` per prompt, `[/INST]` string splitting) with:
+- prompts rendered by the model's own chat template (`messages[:-1]` + generation prompt), the
+  reference is the last (assistant) message;
+- batched greedy generation with LEFT padding, so every row's next token sits at the same
+  position; the pad token is never an end-of-turn token, so a stop is a real stop;
+- a stop at eos or end-of-turn (the generation config's eos ids plus the tokenizer's eos); a reply
+  that runs into `max_new_tokens` is reported (`stopped=False`, `no_stop_rate`), not silently cut;
+- scores per reply (exact match, character F1, ROUGE-L, sentence BLEU) and the teacher-forced
+  loss / perplexity of the references given their prompts.
+
+`python -m bench.bench_inference` compares this batched loop with seed 004's loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCORE_KEYS = ("exact_match", "char_f1", "rouge_l", "bleu")
+LOSS_TOKEN_BUDGET = 16384  # tokens per teacher-forced batch: bounds the (B, T, vocab) logits tensor
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_for_inference(model_ref: str, trust_remote_code: bool = False):
+    """(model, tokenizer, local HF folder) for `models:/NAME@ALIAS`, `models:/NAME/VERSION`, a folder or hub id.
+
+    Registry models are downloaded once into the state folder's cache and reassembled into one
+    Hugging Face folder (weights + tokenizer). fp32 on CPU; bf16 on CUDA (fp16 where bf16 is missing).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_ref.startswith("models:/"):
+        local_dir = str(_download_registered(model_ref))
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    else:
+        from tasks.base_model import resolve_model_path
+
+        local_dir = resolve_model_path(model_ref)
+
+    if torch.cuda.is_available():
+        device, dtype = "cuda", (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    else:
+        device, dtype = "cpu", torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(local_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    return model, tokenizer, local_dir
+
+
+def _download_registered(model_uri: str) -> Path:
+    """Download a registered transformers-flavor model once; return the HF folder inside the copy."""
+    import mlflow
+
+    from ftflow.utils import atomic_dir, sha256_json, state_dir
+    from infra.local import configure_environment
+    from tasks.registry import call_with_retry
+
+    configure_environment()
+    client = mlflow.MlflowClient()
+    rest = model_uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        mv = call_with_retry(client.get_model_version_by_alias, name, alias)
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        mv = call_with_retry(client.get_model_version, name, version)
+    else:
+        raise ValueError(f"model {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    # Versions are immutable, and a logged model id is unique across servers: a safe cache key.
+    ident = getattr(mv, "model_id", None) or sha256_json([mv.source, mv.run_id])[:16]
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", mv.name)
+    cache = state_dir() / "cache" / "registry" / f"{safe}-v{mv.version}-{ident}"
+    if not cache.exists():
+        log.info("downloading %s (version %s) into %s", model_uri, mv.version, cache)
+        with atomic_dir(cache) as tmp:
+            call_with_retry(mlflow.artifacts.download_artifacts,
+                            artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
+            _assemble_hf_dir(tmp, model_uri)
+    return cache / _flavor_conf(cache, model_uri).get("model_binary", "model")
+
+
+def _flavor_conf(root: Path, model_uri: str) -> dict:
+    import yaml
+
+    mlmodel = root / "MLmodel"
+    if not mlmodel.exists():
+        raise FileNotFoundError(f"{model_uri}: no MLmodel file in the downloaded artifacts ({root})")
+    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
+    if "transformers" not in flavors:
+        raise ValueError(f"{model_uri} was not logged with the mlflow.transformers flavor "
+                         f"(flavors: {sorted(flavors)}); register it with `tasks.registry.register_model`")
+    return flavors["transformers"]
+
+
+def _assemble_hf_dir(root: Path, model_uri: str) -> None:
+    """MLflow stores weights in `model/` and the tokenizer in `components/tokenizer/`: merge them."""
+    conf = _flavor_conf(root, model_uri)
+    hf = root / conf.get("model_binary", "model")
+    if not (hf / "config.json").exists():
+        raise ValueError(f"{model_uri}: no model weights in the artifacts (saved with save_pretrained=False "
+                         "or as a PEFT adapter); register the merged model folder instead")
+    for comp in conf.get("components", []):
+        src = root / "components" / comp
+        for f in src.iterdir() if src.is_dir() else []:
+            if f.is_file():
+                shutil.copy2(f, hf / f.name)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already holds any BOS / special tokens; adding them again would double them.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence and end-of-turn ids: the generation config's eos ids plus the tokenizer's eos."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for x in ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [tokenizer.eos_token_id]:
+        if x is not None and x not in ids:
+            ids.append(int(x))
+    if not ids:
+        raise ValueError("the model has no eos token (generation_config.eos_token_id and tokenizer.eos_token "
+                         "are unset); generation could never stop")
+    return ids
+
+
+def _pad_id(tokenizer, stop_ids: list[int]) -> int:
+    # Left pads are masked out of attention, so any id works for inference; a real pad token is
+    # preferred so that a pad can never be mistaken for a generated stop.
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+
+
+def _generate_kwargs(gen: dict, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
+    from ftflow.config import GenerationConfigModel
+
+    g = GenerationConfigModel.model_validate(gen or {})  # rejects unknown keys with the valid ones named
+    kw: dict[str, Any] = dict(
+        max_new_tokens=g.max_new_tokens,
+        do_sample=g.do_sample,
+        num_beams=1,
+        repetition_penalty=g.repetition_penalty,
+        no_repeat_ngram_size=g.no_repeat_ngram_size,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+    )
+    if g.do_sample:
+        kw.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+    return kw
+
+
+def _finish(new_ids: list[int], stop: set[int], tokenizer) -> dict:
+    """Cut a row's new tokens at the first stop id. `new_tokens` counts the stop token itself."""
+    for j, t in enumerate(new_ids):
+        if t in stop:
+            return {"prediction": tokenizer.decode(new_ids[:j], skip_special_tokens=True).strip(),
+                    "stopped": True, "new_tokens": j + 1}
+    return {"prediction": tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
+            "stopped": False, "new_tokens": len(new_ids)}
+
+
+def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: dict, batch_size: int) -> list[dict]:
+    """Replies to chat prompts, `batch_size` at a time, in input order.
+
+    Prompts are grouped by length (longest first) so a batch wastes little on padding, and left
+    padded so generation continues from the same position in every row. Returns per prompt
+    {"prediction": str, "stopped": bool (False: hit max_new_tokens), "new_tokens": int}.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer, stop_ids)
+    kw = _generate_kwargs(gen, stop_ids, pad_id)
+    stop = set(stop_ids)
+    ids = [_prompt_ids(tokenizer, m) for m in prompts_messages]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out: list[dict | None] = [None] * len(ids)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(ids[i])
+            input_ids[r, width - n:] = torch.tensor(ids[i])
+            attention[r, width - n:] = 1
+        with torch.inference_mode():
+            seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kw)
+        new = seqs[:, width:].tolist()  # (B, new tokens); finished rows are filled with pad_id
+        for r, i in enumerate(rows):
+            out[i] = _finish(new[r], stop, tokenizer)
+    return out  # type: ignore[return-value]
+
+
+def reference_nll(model, tokenizer, prompts_messages: list[list[dict]], references: list[str],
+                  batch_size: int) -> tuple[float, int]:
+    """(sum of token NLLs, token count) of each reference + end of turn, teacher-forced after its prompt.
+
+    The target is the chat template's rendering of the assistant turn, cut after its first stop
+    token (so template whitespace after end-of-turn is not scored).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    stop = set(stop_token_ids(model, tokenizer))
+    pad_id = _pad_id(tokenizer, sorted(stop))
+    samples = []
+    for msgs, ref in zip(prompts_messages, references):
+        p = _prompt_ids(tokenizer, msgs)
+        full_text = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": ref}], tokenize=False)
+        full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        if full[:len(p)] == p:
+            target = full[len(p):]
+        else:  # templates that render the last turn differently: fall back to reply + eos
+            target = tokenizer(ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id or sorted(stop)[0]]
+        cut = next((j for j, t in enumerate(target) if t in stop), None)
+        target = target[:cut + 1] if cut is not None else target
+        samples.append((p, target))
+
+    order = sorted(range(len(samples)), key=lambda i: -(len(samples[i][0]) + len(samples[i][1])))
+    device = next(model.parameters()).device
+    total, count, start = 0.0, 0, 0
+    while start < len(order):
+        width = len(samples[order[start]][0]) + len(samples[order[start]][1])  # longest of this batch
+        size = max(1, min(batch_size, LOSS_TOKEN_BUDGET // max(width, 1)))
+        rows = order[start:start + size]
+        start += size
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T), right padded
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            p, t = samples[i]
+            seq = p + t
+            input_ids[r, :len(seq)] = torch.tensor(seq)
+            labels[r, len(p):len(seq)] = torch.tensor(t)
+            attention[r, :len(seq)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        # token t predicts token t+1: (B, T-1, V) against (B, T-1)
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                              labels[:, 1:].reshape(-1).to(device), ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((labels[:, 1:] != -100).sum())
+    return total, count
+
+
+# --------------------------------------------------------------------------- scores
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+
+
+def _is_cjk(text: str) -> bool:
+    return bool(_CJK.search(text))
+
+
+def _f1(pred: list, ref: list) -> float:
+    if not pred and not ref:
+        return 1.0
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(pred), common / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def _lcs(a: list, b: list) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def score(prediction: str, reference: str) -> dict[str, float]:
+    """Scores of one reply against its reference, all after stripping surrounding whitespace.
+
+    - exact_match: 1.0 or 0.0;
+    - char_f1: F1 of the multisets of non-space characters (robust for CJK, where words are unmarked);
+    - rouge_l: LCS F1 over characters for CJK text, over whitespace words otherwise;
+    - bleu: sacrebleu sentence BLEU on its usual 0-100 scale, tokenize="zh" for CJK text.
+    """
+    import sacrebleu
+
+    p, r = prediction.strip(), reference.strip()
+    cjk = _is_cjk(r) or _is_cjk(p)
+    p_chars = [c for c in p if not c.isspace()]
+    r_chars = [c for c in r if not c.isspace()]
+    p_tok, r_tok = (p_chars, r_chars) if cjk else (p.split(), r.split())
+    if not p_tok and not r_tok:
+        rouge = 1.0
+    elif not p_tok or not r_tok:
+        rouge = 0.0
+    else:
+        lcs = _lcs(p_tok, r_tok)
+        rouge = 0.0 if lcs == 0 else 2 * lcs / (len(p_tok) + len(r_tok))  # F1 of P=lcs/|p|, R=lcs/|r|
+    bleu = sacrebleu.sentence_bleu(p, [r], tokenize="zh" if cjk else "13a").score
+    return {"exact_match": float(p == r), "char_f1": _f1(p_chars, r_chars), "rouge_l": rouge, "bleu": float(bleu)}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    rows: list[dict] = field(default_factory=list)
+
+
+def read_eval_jsonl(path: str | Path, max_samples: int | None = None) -> list[dict]:
+    """Canonical eval rows ({"id", "messages", ...}) whose last message is the assistant reference."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"eval data {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if not msgs or not isinstance(msgs, list) or len(msgs) < 2:
+                raise ValueError(f"{path}:{lineno}: expected a 'messages' list with a prompt and a reply")
+            if not all(isinstance(m, dict) and isinstance(m.get("content", ""), str) for m in msgs):
+                raise ValueError(f"{path}:{lineno}: every message must be {{'role': ..., 'content': str}}")
+            if msgs[-1].get("role") != "assistant":
+                raise ValueError(f"{path}:{lineno}: the last message must be the assistant reference, "
+                                 f"got role {msgs[-1].get('role')!r}")
+            rows.append({"id": str(row.get("id", f"{path.name}:{lineno}")), "messages": msgs})
+            if max_samples is not None and len(rows) >= max_samples:
+                break
+    if not rows:
+        raise ValueError(f"eval data {path} holds no samples")
+    return rows
+
+
+def evaluate_model(model_ref: str, eval_jsonl: str | Path, *, gen: dict, batch_size: int = 32,
+                   max_samples: int | None = None, trust_remote_code: bool = False) -> EvalResult:
+    """Generate a reply for every eval prompt, score it, and compute the references' perplexity."""
+    data = read_eval_jsonl(eval_jsonl, max_samples)
+    model, tokenizer, _ = load_for_inference(model_ref, trust_remote_code=trust_remote_code)
+    prompts = [r["messages"][:-1] for r in data]
+    refs = [str(r["messages"][-1].get("content", "")) for r in data]
+
+    t0 = time.perf_counter()
+    outs = generate_batch(model, tokenizer, prompts, gen, batch_size)
+    gen_s = time.perf_counter() - t0
+    nll, ntok = reference_nll(model, tokenizer, prompts, refs, batch_size)
+
+    rows = []
+    for r, msgs, ref, o in zip(data, prompts, refs, outs):
+        rows.append({
+            "id": r["id"],
+            "prompt": tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+            "reference": ref,
+            "prediction": o["prediction"],
+            **score(o["prediction"], ref),
+            "stopped": o["stopped"],
+            "new_tokens": o["new_tokens"],
+        })
+    n = len(rows)
+    loss = nll / max(ntok, 1)
+    metrics = {k: sum(row[k] for row in rows) / n for k in SCORE_KEYS}
+    metrics.update(
+        loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),  # capped: exp overflows past ~709 and means "random" anyway
+        no_stop_rate=sum(not row["stopped"] for row in rows) / n,
+        n=float(n),
+        samples_per_s=n / gen_s if gen_s > 0 else float("inf"),
+    )
+    log.info("eval %s on %s: %s", model_ref, eval_jsonl, {k: round(v, 4) for k, v in metrics.items()})
+    return EvalResult(metrics=metrics, rows=rows)
+
+
+def log_eval_to_mlflow(result: EvalResult, run_id: str, prefix: str) -> None:
+    """Metrics as `{prefix}/{name}` and the per-example table as `eval/{prefix}_table.json` in run `run_id`."""
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import Metric
+
+    from infra.local import configure_environment
+    from tasks.registry import call_with_retry
+
+    configure_environment()
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{prefix}/{k}", float(v), now, 0) for k, v in result.metrics.items()]
+    call_with_retry(client.log_batch, run_id, metrics=metrics)
+    artifact = f"eval/{prefix}_table.json"
+    # log_table appends to an existing file; a re-run of the same scoring must not double the rows.
+    existing = {a.path for a in call_with_retry(client.list_artifacts, run_id, "eval")}
+    if artifact in existing:
+        log.info("run %s already has %s; table not logged again", run_id, artifact)
+        return
+    call_with_retry(client.log_table, run_id, data=pd.DataFrame(result.rows), artifact_file=artifact)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _metrics_table(metrics: dict[str, float]) -> str:
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{k:<{width}}  {v:>10.4f}" if k != "n" else f"{k:<{width}}  {int(v):>10d}"
+                     for k, v in metrics.items())
+
+
+def eval_cli(model: str, data: str, max_samples: int | None, batch_size: int | None,
+             max_new_tokens: int | None) -> int:
+    """`ftflow eval --model REF --data FILE`: score a model on an eval file and print the metrics."""
+    from ftflow.config import GenerationConfigModel
+    from infra.local import configure_environment
+
+    configure_environment()
+    gen = GenerationConfigModel().model_dump()
+    if max_new_tokens:
+        gen["max_new_tokens"] = int(max_new_tokens)
+    try:
+        result = evaluate_model(model, data, gen=gen, batch_size=int(batch_size or 32), max_samples=max_samples)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{model} on {data}")
+    print(_metrics_table(result.metrics))
+    return 0
+
+
+def generate_cli(model: str, prompt: str, max_new_tokens: int, system: str | None) -> int:
+    """`ftflow generate --model REF "prompt"`: stream one chat reply to stdout."""
+    import torch
+    from transformers import TextStreamer
+
+    from infra.local import configure_environment
+
+    configure_environment()
+    m, tokenizer, _ = load_for_inference(model)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    stop_ids = stop_token_ids(m, tokenizer)
+    ids = torch.tensor([_prompt_ids(tokenizer, messages)], device=next(m.parameters()).device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                         **_generate_kwargs({"max_new_tokens": max_new_tokens}, stop_ids, _pad_id(tokenizer, stop_ids)))
+    if not set(out[0, ids.shape[1]:].tolist()) & set(stop_ids):
+        print(f"[stopped at max_new_tokens={max_new_tokens}]", file=sys.stderr)
+    return 0

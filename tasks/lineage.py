@@ -1,0 +1,152 @@
+"""MLflow lineage: one parent run per flow run, child runs for training and each scored run.
+
+Params are the whole resolved config (secret-looking values redacted); tags record what a number
+in the registry was made from: data hash, tokenized-cache key, pipeline git commit, base model and
+revision, library versions, the Prefect flow-run id.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ftflow.utils import PROJECT_ROOT
+
+log = logging.getLogger("ftflow.lineage")
+
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.I)
+REDACTED = "***"
+LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "prefect", "mlflow", "datasets", "bitsandbytes")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def redact(d: Any) -> Any:
+    """Replace the value of every key that looks like a secret, at any depth."""
+    if isinstance(d, dict):
+        return {k: (REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)) for k, v in d.items()}
+    if isinstance(d, list):
+        return [redact(x) for x in d]
+    return d
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = "not installed"
+    return out
+
+
+def start_parent_run(experiment_id: str, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str:
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    all_tags = {
+        "ftflow.git_commit": git_commit(),
+        **{f"ftflow.version.{k}": v for k, v in library_versions().items()},
+        **tags,
+    }
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(redact(config)).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    return run.info.run_id
+
+
+def start_child_run(experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str] | None = None) -> str:
+    from mlflow import MlflowClient
+
+    run = MlflowClient().create_run(
+        experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent_run_id, **(tags or {})}
+    )
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def log_dict(run_id: str, data: dict[str, Any], artifact_file: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_dict(run_id, redact(data), artifact_file)
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
+def loss_plot_png(log_history: list[dict[str, Any]]) -> bytes:
+    """A loss (and learning-rate) curve from the Trainer's log history, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in log_history if "loss" in h]
+    loss = [h["loss"] for h in log_history if "loss" in h]
+    lr = [h.get("learning_rate") for h in log_history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, loss, marker=".", color="tab:blue", label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (trained tokens)")
+    ax.grid(alpha=0.3)
+    if any(v is not None for v in lr):
+        ax2 = ax.twinx()
+        ax2.plot(steps, lr, color="tab:orange", alpha=0.6, label="learning rate")
+        ax2.set_ylabel("learning rate")
+    ax.set_title("Training loss")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def log_loss_plot(run_id: str, log_history: list[dict[str, Any]], out_dir: Path) -> Path:
+    from mlflow import MlflowClient
+
+    path = out_dir / "loss_curve.png"
+    path.write_bytes(loss_plot_png(log_history))
+    MlflowClient().log_artifact(run_id, str(path), artifact_path="training")
+    return path

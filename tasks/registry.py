@@ -1,0 +1,446 @@
+"""The MLflow model registry stage: register a trained model, decide and apply promotions.
+
+One registered model (`registry.model_name`) holds every fine-tuned version. Two aliases carry the
+state a deployment reads:
+- `challenger`: the newest registered version, set by `register_model`;
+- `champion`: the version that serves, set only by `apply_promotion` / `promote_cli` / `rollback_cli`.
+
+Everything a decision was based on is written as version tags, so the registry itself is the audit
+log (`ftflow.promotion.*`, `ftflow.rollback.*`, `ftflow.eval.*`). Rollback follows the
+`ftflow.promotion.previous_champion` tag that every promotion leaves on the version it promoted.
+
+All calls use the tracking URI in the environment (`infra.local.configure_environment()`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+TAG_FINGERPRINT = "ftflow.fingerprint"
+TAG_RUN_ID = "ftflow.run_id"
+TAG_EVAL_RUN = "ftflow.eval.run_id"  # set by `record_eval`: the version has a scored inference run
+TAG_EVAL_METRIC = "ftflow.eval.metric."  # + metric name
+TAG_PROMO = "ftflow.promotion."
+TAG_PREVIOUS = TAG_PROMO + "previous_champion"
+TAG_ROLLBACK = "ftflow.rollback."
+
+# An input example small enough that the pyfunc validation at log time stays quick.
+CHAT_INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8}
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def _is_transient(err: BaseException) -> bool:
+    """Worth another try: a server-side or throttling error, a dropped connection, a locked SQLite file.
+
+    Never a 4xx-style error (bad request, not found, already exists): repeating it cannot help.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return status >= 500 or status == 429
+    try:
+        import requests
+
+        if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover - requests ships with mlflow
+        pass
+    return isinstance(err, (ConnectionError, TimeoutError))
+
+
+def call_with_retry(fn: Callable[..., T], *args: Any, tries: int = 4, base_delay: float = 0.5, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, retried with exponential backoff (0.5 s, 1 s, 2 s + jitter) on transient errors.
+
+    Use only for calls that are safe to repeat (reads, tags, aliases).
+    """
+    for attempt in range(1, tries + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if attempt == tries or not _is_transient(err):
+                raise
+            delay = base_delay * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
+            log.warning("MLflow call %s failed (%s); retry %d/%d in %.1fs",
+                        getattr(fn, "__name__", fn), err, attempt, tries - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _client():
+    import mlflow
+
+    from infra.local import configure_environment
+
+    configure_environment()
+    return mlflow.MlflowClient()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    existed: bool  # True when a version with the same fingerprint was already registered
+    model_uri: str  # models:/NAME/VERSION
+
+
+def _find_by_fingerprint(client, model_name: str, fingerprint: str):
+    """The newest READY version of `model_name` tagged with `fingerprint` whose artifacts were fully logged."""
+    query = f"name = '{_quote(model_name)}' and tags.`{TAG_FINGERPRINT}` = '{_quote(fingerprint)}'"
+    versions = call_with_retry(client.search_model_versions, query)
+    for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        if mv.status == "READY" and _artifacts_complete(client, mv):
+            return mv
+    return None
+
+
+def _artifacts_complete(client, mv) -> bool:
+    """A LoggedModel is READY only after all its artifacts were uploaded (FAILED if logging raised)."""
+    model_id = getattr(mv, "model_id", None)
+    if not model_id:
+        return True  # registered from a run path (pre-MLflow-3 style): nothing more to check
+    try:
+        status = call_with_retry(client.get_logged_model, model_id).status
+    except Exception as err:  # the logged model was deleted
+        log.warning("version %s of %s: logged model %s unreadable (%s)", mv.version, mv.name, model_id, err)
+        return False
+    return str(status).upper().endswith("READY")
+
+
+def _quote(s: str) -> str:
+    return s.replace("'", "\\'")
+
+
+def pip_requirements() -> list[str]:
+    """Pinned serving requirements of a logged model. Explicit, so MLflow never adds torchvision."""
+    import torch
+    import transformers
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",  # drop local tags like +cpu / +cu128
+        f"transformers=={transformers.__version__}",
+        "accelerate",
+        "safetensors",
+    ]
+
+
+class _InRun:
+    """Make `run_id` the active MLflow run for a block, and leave its status as it was afterwards.
+
+    `mlflow.start_run(run_id=...)` marks a resumed run FINISHED on exit; the flow that owns the run
+    decides when it finishes, so a RUNNING run stays RUNNING.
+    """
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.started = False
+        self.status = None
+
+    def __enter__(self):
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            return active
+        self.status = call_with_retry(mlflow.MlflowClient().get_run, self.run_id).info.status
+        self.started = True
+        # another active run in this thread (e.g. a parent run): resume ours on top of it
+        return mlflow.start_run(run_id=self.run_id, nested=active is not None)
+
+    def __exit__(self, exc_type, exc, tb):
+        import mlflow
+
+        if self.started:  # even on an error: the flow that owns the run decides whether it failed
+            mlflow.end_run(status=self.status)
+        return False
+
+
+def register_model(
+    model_dir: str | Path,
+    *,
+    model_name: str,
+    run_id: str,
+    fingerprint: str,
+    tags: dict[str, str],
+) -> RegisteredVersion:
+    """Log the HF model folder `model_dir` into run `run_id` and register it as a version of `model_name`.
+
+    Idempotent on `fingerprint` (a content hash of the model): a version already tagged with it is
+    returned (`existed=True`) and nothing is logged again. Either way, alias `challenger` ends up on
+    the returned version. The alias is set last, after the version is READY and its artifacts are
+    complete, so a registration that fails half-way never leaves an alias on a missing model.
+    """
+    import mlflow
+
+    client = _client()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json); "
+                                "pass the consolidated model folder the training stage wrote")
+
+    existing = _find_by_fingerprint(client, model_name, fingerprint)
+    if existing is not None:
+        log.info("model %s version %s already holds fingerprint %s; not logging again",
+                 model_name, existing.version, fingerprint[:12])
+        call_with_retry(client.set_registered_model_alias, model_name, CHALLENGER, existing.version)
+        return RegisteredVersion(model_name, str(existing.version), existing.run_id or "", True,
+                                 f"models:/{model_name}/{existing.version}")
+
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The folder-path form of log_model breaks on transformers 5 (MLflow 3.17 reads pipeline
+    # classes that are now lazy strings), so the model is loaded and logged as components.
+    # dtype="auto" keeps the dtype the folder was saved in.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # An explicit card stops MLflow from asking the Hugging Face Hub for one.
+    card = ModelCard(f"---\nlibrary_name: transformers\n---\n# {model_name}\n\nFine-tuned by ftflow (run {run_id}).\n")
+    with _InRun(run_id):
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="llm/v1/chat",  # pyfunc takes OpenAI-style chat input and applies the chat template
+            input_example=CHAT_INPUT_EXAMPLE,
+            pip_requirements=pip_requirements(),
+            model_card=card,
+        )
+    del model
+
+    version_tags = {**{k: str(v) for k, v in tags.items()}, TAG_FINGERPRINT: fingerprint, TAG_RUN_ID: run_id}
+    # Not retried: creating a version is not idempotent. The tags travel with the creation, so a
+    # re-run after a lost reply finds this version by its fingerprint instead of creating another.
+    mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
+    if mv.status != "READY":
+        raise RuntimeError(f"model {model_name} version {mv.version} is {mv.status}, not READY; "
+                           "alias 'challenger' left unchanged")
+    call_with_retry(client.set_registered_model_alias, model_name, CHALLENGER, mv.version)
+    log.info("registered %s version %s (alias %s)", model_name, mv.version, CHALLENGER)
+    return RegisteredVersion(model_name, str(mv.version), run_id, False, f"models:/{model_name}/{mv.version}")
+
+
+def record_eval(model_name: str, version: str, run_id: str, metrics: dict[str, float]) -> None:
+    """Mark `version` as scored by the inference run `run_id` (what `promote_cli` requires)."""
+    client = _client()
+    for k, v in metrics.items():
+        call_with_retry(client.set_model_version_tag, model_name, version, TAG_EVAL_METRIC + k, f"{float(v):.6g}")
+    call_with_retry(client.set_model_version_tag, model_name, version, TAG_EVAL_RUN, run_id)
+
+
+def version_eval_metrics(model_name: str, version: str) -> dict[str, float]:
+    """The metrics `record_eval` stored on a version ({} when it was never scored)."""
+    mv = call_with_retry(_client().get_model_version, model_name, version)
+    return {k[len(TAG_EVAL_METRIC):]: float(v) for k, v in mv.tags.items() if k.startswith(TAG_EVAL_METRIC)}
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+def decide_promotion(
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
+    *,
+    metric: str,
+    min_improvement: float,
+    no_regress: list[str],
+) -> dict[str, Any]:
+    """Promote iff challenger[metric] - champion[metric] > min_improvement and no `no_regress` metric drops.
+
+    `champion` is the current champion's scores, or the base model's when there is no champion yet;
+    None (nothing to compare with) promotes.
+    """
+    for key in [metric, *no_regress]:
+        if key not in challenger:
+            raise KeyError(f"challenger metrics lack {key!r} (have {sorted(challenger)}); "
+                           "set promote.metric / promote.no_regress to metrics the eval stage computes")
+    c = float(challenger[metric])
+    if champion is None:
+        return {"promote": True, "reason": "no champion and no baseline to compare with",
+                "metric": metric, "challenger_score": c, "champion_score": None, "delta": None}
+    for key in [metric, *no_regress]:
+        if key not in champion:
+            raise KeyError(f"champion metrics lack {key!r} (have {sorted(champion)})")
+    b = float(champion[metric])
+    delta = c - b
+    regressed = [k for k in no_regress if float(challenger[k]) < float(champion[k])]
+    if regressed:
+        promote = False
+        reason = "regressed on " + ", ".join(
+            f"{k} ({float(challenger[k]):.4f} < {float(champion[k]):.4f})" for k in regressed)
+    elif delta > min_improvement:
+        promote = True
+        reason = f"{metric} improved by {delta:+.4f} (> {min_improvement:g})"
+    else:
+        promote = False
+        reason = f"{metric} changed by {delta:+.4f}, not more than the required {min_improvement:g}"
+    return {"promote": promote, "reason": reason, "metric": metric,
+            "challenger_score": c, "champion_score": b, "delta": delta}
+
+
+def current_champion(model_name: str) -> str | None:
+    """The version alias `champion` points at, or None (no champion yet, or no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(call_with_retry(_client().get_model_version_by_alias, model_name, CHAMPION).version)
+    except MlflowException as err:
+        status = err.get_http_status_code()
+        # 404: no such model; 400 "alias champion not found": no champion yet
+        if status == 404 or (status == 400 and "not found" in err.message.lower()):
+            return None
+        raise
+
+
+def apply_promotion(model_name: str, version: str, decision: dict[str, Any], *, who: str = "ftflow",
+                    why: str = "") -> None:
+    """Write `decision` as `ftflow.promotion.*` tags on `version`; if it promotes, move `champion` there.
+
+    The version it replaces is kept in `ftflow.promotion.previous_champion`, which `rollback_cli` follows.
+    """
+    client = _client()
+    version = str(version)
+    previous = current_champion(model_name)
+    tags = {
+        "promote": str(bool(decision["promote"])).lower(),
+        "reason": str(decision.get("reason", "")),
+        "metric": str(decision.get("metric", "")),
+        "challenger_score": _fmt(decision.get("challenger_score")),
+        "champion_score": _fmt(decision.get("champion_score")),
+        "delta": _fmt(decision.get("delta")),
+        "who": who,
+        "why": why,
+        "at": _now(),
+    }
+    moving = bool(decision["promote"]) and previous != version
+    if moving:
+        tags["previous_champion"] = previous or ""
+    for k, v in tags.items():
+        call_with_retry(client.set_model_version_tag, model_name, version, TAG_PROMO + k, v)
+    if moving:
+        call_with_retry(client.set_registered_model_alias, model_name, CHAMPION, version)
+        log.info("%s: champion %s -> %s (%s)", model_name, previous or "none", version, tags["reason"])
+    else:
+        log.info("%s: version %s not promoted (%s)", model_name, version, tags["reason"])
+
+
+def _fmt(x: Any) -> str:
+    return "" if x is None else (f"{x:.6g}" if isinstance(x, float) else str(x))
+
+
+def promote_cli(name: str, version: str, force: bool, why: str) -> int:
+    """`ftflow promote NAME VERSION`: make VERSION champion; only scored versions unless --force."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        mv = call_with_retry(client.get_model_version, name, str(version))
+    except MlflowException as err:
+        print(f"error: model {name!r} has no version {version!r}: {err.message}", file=sys.stderr)
+        return 2
+    scored_by = mv.tags.get(TAG_EVAL_RUN)
+    if not scored_by and not force:
+        print(f"error: {name} version {version} has no scored inference run (tag {TAG_EVAL_RUN}). "
+              f"Score it first (the pipeline's eval stage, or `ftflow eval --model models:/{name}/{version} "
+              "--data FILE`), or pass --force to promote it unscored.", file=sys.stderr)
+        return 1
+    previous = current_champion(name)
+    reason = f"manual promotion{' (forced, unscored)' if not scored_by else ''}"
+    decision = {"promote": True, "reason": reason, "metric": "", "challenger_score": None,
+                "champion_score": None, "delta": None}
+    apply_promotion(name, str(version), decision, who=_user(), why=why)
+    print(f"{name}: champion {previous or 'none'} -> {version}")
+    return 0
+
+
+def rollback_cli(name: str, why: str) -> int:
+    """`ftflow rollback NAME`: move `champion` back to the version it replaced, recorded as tags."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    current = current_champion(name)
+    if current is None:
+        print(f"error: model {name!r} has no champion to roll back", file=sys.stderr)
+        return 1
+    mv = call_with_retry(client.get_model_version, name, current)
+    previous = mv.tags.get(TAG_PREVIOUS, "")
+    current = str(current)
+    if not previous:
+        print(f"error: {name} version {current} has no previous champion recorded "
+              f"(tag {TAG_PREVIOUS}); promote a version explicitly with `ftflow promote`", file=sys.stderr)
+        return 1
+    try:
+        call_with_retry(client.get_model_version, name, previous)
+    except MlflowException:
+        print(f"error: previous champion {name} version {previous} no longer exists; "
+              "promote a version explicitly with `ftflow promote`", file=sys.stderr)
+        return 1
+    record = {"to": previous, "who": _user(), "why": why, "at": _now()}
+    for k, v in record.items():
+        call_with_retry(client.set_model_version_tag, name, current, TAG_ROLLBACK + k, v)
+    call_with_retry(client.set_model_version_tag, name, previous, TAG_ROLLBACK + "restored_from", current)
+    call_with_retry(client.set_registered_model_alias, name, CHAMPION, previous)
+    print(f"{name}: champion {current} -> {previous} (rollback)")
+    return 0
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+def promotion_markdown(decision: dict[str, Any], challenger_metrics: dict[str, float],
+                       champion_metrics: dict[str, float] | None, model_name: str, version: str) -> str:
+    """A markdown report of a promotion decision (for a Prefect artifact)."""
+    champion_metrics = champion_metrics or {}
+    verdict = "promoted to **champion**" if decision["promote"] else "**not promoted**"
+    lines = [
+        f"## {model_name} version {version}: {verdict}",
+        "",
+        f"{decision.get('reason', '')}",
+        "",
+        f"Decision metric: `{decision.get('metric', '')}`",
+        "",
+        "| metric | challenger | champion | delta |",
+        "|---|---:|---:|---:|",
+    ]
+    keys = list(challenger_metrics) + [k for k in champion_metrics if k not in challenger_metrics]
+    for k in keys:
+        c, b = challenger_metrics.get(k), champion_metrics.get(k)
+        d = c - b if isinstance(c, (int, float)) and isinstance(b, (int, float)) else None
+        mark = " ⬅" if k == decision.get("metric") else ""
+        lines.append(f"| {k}{mark} | {_cell(c)} | {_cell(b)} | {_cell(d, signed=True)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(x: Any, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, (int, float)):
+        return f"{x:+.4f}" if signed else f"{x:.4f}"
+    return str(x)

@@ -1,0 +1,221 @@
+"""Launch the training ranks as processes and supervise them.
+
+The flow calls `run_training`; it writes a job file, starts `torchrun` (one process per rank,
+running `tasks.train_worker`), streams rank 0's output to the caller's logger, and keeps every
+rank's full log under `<train_dir>/logs/`. If a rank fails, the whole process group is ended and
+`TrainingFailed` names the rank, its exit code and the tail of its log. The training folder is
+keyed by content (tokenized data, base model, train settings), so running the same config again
+after a crash resumes from the latest complete checkpoint, and a finished training is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from ftflow.config import TrainConfig, project_path
+from ftflow.utils import PROJECT_ROOT, sha256_json
+from tasks.train_worker import COMPLETE_MARKER, Job, is_complete_checkpoint, latest_complete_checkpoint
+
+log = logging.getLogger("ftflow.train")
+
+TRAIN_CODE_VERSION = "1"
+
+
+class TrainingFailed(RuntimeError):
+    def __init__(self, message: str, rank: int | None, exit_code: int | None, log_tail: str):
+        super().__init__(message)
+        self.rank, self.exit_code, self.log_tail = rank, exit_code, log_tail
+
+
+def train_key(train: TrainConfig, dataset_key: str, model_fingerprint: str, template_text: str | None) -> str:
+    """Everything that changes the trained weights. Launch-only settings (timeout, node rank,
+    rendezvous address, logging cadence) are left out so a resumed run finds its checkpoints."""
+    settings = train.model_dump(exclude={"timeout_minutes", "node_rank", "master_addr", "master_port", "logging_steps"})
+    return sha256_json(
+        {"train": settings, "data": dataset_key, "model": model_fingerprint, "template": template_text, "v": TRAIN_CODE_VERSION}
+    )[:16]
+
+
+def load_deepspeed_config(name: str | None) -> dict[str, Any] | None:
+    if not name:
+        return None
+    path = project_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed: {path} does not exist; pick one of configs/deepspeed/*.json or null")
+    return json.loads(path.read_text())
+
+
+def clean_partial_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Remove checkpoint folders without the completion marker (a save that was interrupted)."""
+    removed = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.glob("checkpoint-*"):
+            if p.is_dir() and not is_complete_checkpoint(p):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def torchrun_command(job_path: Path, train: TrainConfig, log_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={train.nproc_per_node}"]
+    if train.nnodes == 1 and train.master_port == 0:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={train.nnodes}",
+            f"--node-rank={train.node_rank}",
+            f"--master-addr={train.master_addr}",
+            f"--master-port={train.master_port}",
+        ]
+    # Every rank's output goes to files under log_dir; only local rank 0 is echoed to us.
+    cmd += [f"--log-dir={log_dir}", "--tee=3", "--local-ranks-filter=0", "--module", "tasks.train_worker", str(job_path)]
+    return cmd
+
+
+def _rank_log_tail(log_dir: Path, rank: int | None, lines: int = 40) -> str:
+    files = sorted(log_dir.rglob("stderr.log")) + sorted(log_dir.rglob("stdout.log"))
+    if rank is not None:
+        files = [f for f in files if f.parent.name == str(rank)] or files
+    chunks = []
+    for f in files:
+        text = f.read_text(errors="replace").strip().splitlines()
+        if text:
+            chunks.append(f"--- {f.relative_to(log_dir)} ---\n" + "\n".join(text[-lines:]))
+    return "\n".join(chunks)[-6000:]
+
+
+def _failed_rank(output: str) -> tuple[int | None, int | None]:
+    """torchrun's failure summary: 'rank : 1 (local_rank: 1)' ... 'exitcode : -9 (pid: ...)'."""
+    m_rank = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank", output)
+    m_code = re.search(r"exitcode\s*:\s*(-?\d+)", output)
+    return (int(m_rank.group(1)) if m_rank else None, int(m_code.group(1)) if m_code else None)
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """End torchrun and every rank it started (they share its process group)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def launch(job_path: Path, train: TrainConfig, log_dir: Path, on_line: Callable[[str], None] | None = None) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = torchrun_command(job_path, train, log_dir)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // train.nproc_per_node)))
+    env["PYTHONUNBUFFERED"] = "1"
+    log.info("launching %d rank(s): %s", train.nproc_per_node * train.nnodes, " ".join(cmd))
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, errors="replace", start_new_session=True,
+    )
+    tail: deque[str] = deque(maxlen=400)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if on_line:
+                on_line(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + train.timeout_minutes * 60
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                kill_group(proc)
+                raise TrainingFailed(
+                    f"training exceeded train.timeout_minutes={train.timeout_minutes}; every rank was stopped. "
+                    f"Logs: {log_dir}", None, None, _rank_log_tail(log_dir, None),
+                )
+            time.sleep(0.5)
+    except BaseException:
+        kill_group(proc)
+        raise
+    finally:
+        reader.join(timeout=5)
+    if proc.returncode != 0:
+        output = "\n".join(tail)
+        rank, code = _failed_rank(output)
+        kill_group(proc)
+        code = code if code is not None else proc.returncode
+        rank_tail = _rank_log_tail(log_dir, rank)
+        raise TrainingFailed(
+            f"training failed: rank {rank if rank is not None else '?'} exited with code {code}. "
+            f"All ranks were stopped; the next run resumes from the latest complete checkpoint. "
+            f"Full logs: {log_dir}\n{rank_tail or output[-4000:]}",
+            rank, code, rank_tail,
+        )
+
+
+def run_training(
+    *,
+    train: TrainConfig,
+    train_dir: Path,
+    model_path: str,
+    dataset_path: str,
+    pad_token_id: int,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    mlflow_tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+    reference_inputs: list[list[int]] | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume, or reuse a finished training) in `train_dir`. Returns the train summary."""
+    final = train_dir / "final"
+    if is_complete_checkpoint(final):
+        log.info("training in %s already complete: reusing it", train_dir)
+        summary = json.loads((final / "train_summary.json").read_text())
+        return {**summary, "reused": True, "resumed_from": None, "final_dir": str(final)}
+    if final.exists():
+        shutil.rmtree(final)  # an interrupted final save: never used
+    ckpt_root = train_dir / "checkpoints"
+    for p in clean_partial_checkpoints(ckpt_root):
+        log.warning("removed incomplete checkpoint %s", p)
+    resume = latest_complete_checkpoint(ckpt_root)
+    job = Job(
+        model_path=model_path,
+        dataset_path=dataset_path,
+        output_dir=str(train_dir),
+        pad_token_id=pad_token_id,
+        train=train.model_dump(),
+        deepspeed_config=load_deepspeed_config(train.deepspeed),
+        resume_from=str(resume) if resume else None,
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+        reference_inputs=reference_inputs,
+    )
+    train_dir.mkdir(parents=True, exist_ok=True)
+    job_path = train_dir / "job.json"
+    job_path.write_text(json.dumps(asdict(job), indent=2))
+    launch(job_path, train, train_dir / "logs" / time.strftime("%Y%m%d-%H%M%S"), on_line=on_line)
+    if not is_complete_checkpoint(final):
+        raise TrainingFailed(f"training exited cleanly but {final} has no {COMPLETE_MARKER}", None, 0, "")
+    summary = json.loads((final / "train_summary.json").read_text())
+    return {**summary, "reused": False, "resumed_from": str(resume) if resume else None, "final_dir": str(final)}

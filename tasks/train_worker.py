@@ -1,0 +1,371 @@
+"""The training recipe that runs inside every rank.
+
+Launched as its own process by `tasks.train.launch` (torchrun), one per rank:
+
+    torchrun --nproc_per_node 2 -m tasks.train_worker RUN_DIR/train/job.json
+
+It needs no Prefect run context: everything arrives in the job file (plain paths and the
+validated train section of the pipeline config). Read it top to bottom: setup → train → save.
+
+- The model is loaded after `TrainingArguments` exist, so ZeRO-3 partitions it at load time.
+- Checkpoints are DeepSpeed/Trainer checkpoints; a checkpoint counts only once every rank has
+  written it and rank 0 has dropped the `ftflow_complete.json` marker into it.
+- At the end the engine writes a final ZeRO checkpoint (`final/`), which the consolidate stage
+  turns into a Hugging Face folder with DeepSpeed's own gathering code. Reference logits on fixed
+  inputs are taken here, inside the ranks, so tests compare the export against the trained model
+  rather than against itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("ftflow.train")
+
+COMPLETE_MARKER = "ftflow_complete.json"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Job:
+    model_path: str
+    dataset_path: str
+    output_dir: str
+    pad_token_id: int
+    train: dict[str, Any]
+    deepspeed_config: dict[str, Any] | None = None
+    resume_from: str | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    reference_inputs: list[list[int]] | None = None
+    chat_template: str | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Job":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def fill_deepspeed_config(ds: dict[str, Any], t: dict[str, Any], world: int) -> dict[str, Any]:
+    """Explicit batch sizes and precision: the Trainer's 'auto' mis-counts the world size on CPU.
+
+    global batch = micro batch x grad accumulation x ranks, e.g. 8 x 1 x 2 = 16 samples a step.
+    """
+    ds = {k: v for k, v in ds.items() if not k.startswith("_")}
+    ds["train_micro_batch_size_per_gpu"] = t["micro_batch_size"]
+    ds["gradient_accumulation_steps"] = t["grad_accum"]
+    ds["train_batch_size"] = t["micro_batch_size"] * t["grad_accum"] * world
+    ds["gradient_clipping"] = t["max_grad_norm"]
+    ds["bf16"] = {"enabled": t["precision"] == "bf16"}
+    ds["fp16"] = {"enabled": t["precision"] == "fp16"}
+    return ds
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def latest_complete_checkpoint(ckpt_root: Path) -> Path | None:
+    """Newest `checkpoint-N` folder that carries the completion marker; partial ones are ignored."""
+    if not ckpt_root.is_dir():
+        return None
+    done = [p for p in ckpt_root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete_checkpoint(p)]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def load_model(job: Job, args) -> torch.nn.Module:
+    """Full, LoRA or Q-LoRA model; with ZeRO-3 active the weights are partitioned as they load."""
+    from transformers import AutoModelForCausalLM
+
+    t = job.train
+    dtype = _dtype(t["precision"])
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype, trust_remote_code=job.trust_remote_code, revision=job.revision, attn_implementation="sdpa"
+    )
+    if t["mode"] == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        q = t["quant"]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q["quant_type"],
+            bnb_4bit_use_double_quant=q["double_quant"],
+            bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]),
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, **kwargs)
+    model.config.use_cache = False  # no KV cache in training: it would also break packed attention
+
+    if t["mode"] in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if t["mode"] == "qlora":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=t["gradient_checkpointing"]
+            )
+        lc = t["lora"]
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lc["r"],
+                lora_alpha=lc["alpha"],
+                lora_dropout=lc["dropout"],
+                target_modules=lc["target_modules"],
+                modules_to_save=lc["modules_to_save"] or None,
+                use_dora=lc["use_dora"],
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting ZeRO-3 partitioned parameters at their full size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def build_callbacks(job: Job, collator, trainable: int, total: int):
+    from transformers import TrainerCallback
+
+    class CompletionMarker(TrainerCallback):
+        """Every rank has written its shard once `on_save` runs; then rank 0 marks it complete."""
+
+        def on_save(self, args, state, control, **kw):
+            barrier()
+            if rank() == 0:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                tmp = ckpt / (COMPLETE_MARKER + ".tmp")
+                tmp.write_text(json.dumps({"global_step": state.global_step, "world_size": world_size()}))
+                os.replace(tmp, ckpt / COMPLETE_MARKER)
+            barrier()
+
+    class Throughput(TrainerCallback):
+        """Tokens and trained tokens (labels != -100) per second, summed over ranks."""
+
+        def __init__(self):
+            self.t0 = time.perf_counter()
+            self.last = (0, 0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            counts = torch.tensor([collator.tokens_seen, collator.trained_tokens_seen], dtype=torch.float64)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(counts)
+            now = time.perf_counter()
+            dt = max(now - self.t0, 1e-9)
+            tokens, trained = counts.tolist()
+            if logs is not None:
+                logs["tokens_per_s"] = (tokens - self.last[0]) / dt
+                logs["trained_tokens_per_s"] = (trained - self.last[1]) / dt
+                logs["trained_tokens"] = trained
+            self.t0, self.last = now, (tokens, trained)
+
+    class MlflowMetrics(TrainerCallback):
+        """Rank 0 logs into the run the flow created (never a new or orphan run)."""
+
+        def __init__(self):
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(job.mlflow_tracking_uri)
+            self.run_id = job.mlflow_run_id
+            self.client.log_param(self.run_id, "trainable_parameters", trainable)
+            self.client.log_param(self.run_id, "total_parameters", total)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs:
+                return
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            metrics = [
+                Metric(k.replace("train_", ""), float(v), ts, state.global_step)
+                for k, v in logs.items()
+                if isinstance(v, (int, float)) and math.isfinite(float(v)) and k != "epoch"
+            ]
+            try:
+                self.client.log_batch(self.run_id, metrics=metrics)
+            except Exception as err:  # tracking is not worth a training run
+                log.warning("could not log metrics to MLflow: %s", err)
+
+    class LogLine(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in logs.items()}
+                log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+    callbacks = [CompletionMarker(), Throughput()]
+    if rank() == 0:
+        callbacks.append(LogLine())
+        if job.mlflow_run_id:
+            callbacks.append(MlflowMetrics())
+    return callbacks
+
+
+@torch.no_grad()
+def reference_logits(model: torch.nn.Module, inputs: list[list[int]]) -> torch.Tensor:
+    """Logits of the trained model on fixed inputs, every rank taking part (ZeRO-3 gathers per layer)."""
+    model.eval()
+    device = next(model.parameters()).device
+    outs = []
+    for ids in inputs:
+        x = torch.tensor([ids], device=device)
+        outs.append(model(input_ids=x, use_cache=False).logits[0].float().cpu())
+    model.train()
+    return torch.cat(outs, dim=0)
+
+
+def main(job_path: str) -> int:
+    logging.basicConfig(
+        level=logging.INFO if rank() == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank()}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+    from datasets import load_from_disk
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from tasks.collate import PackedCollator, PaddedCollator
+
+    job = Job.load(job_path)
+    t = job.train
+    out = Path(job.output_dir)
+    set_seed(t["seed"])
+    world = world_size()
+    on_gpu = torch.cuda.is_available()
+
+    batching = t["batching"]
+    if batching == "auto":
+        # Padding-free packing needs variable-length attention kernels to pay off; on CPU the packed
+        # row gets a dense block mask (cost ~ packed_len^2), so length-grouped padding is faster.
+        batching = "packed" if on_gpu else "padded"
+
+    ds_config = fill_deepspeed_config(job.deepspeed_config, t, world) if job.deepspeed_config else None
+    if world > 1 and not dist.is_initialized():
+        # Before the model loads: ZeRO-3's zero.Init counts the world size from the process group.
+        if ds_config:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        else:
+            dist.init_process_group("nccl" if on_gpu else "gloo")
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=t["micro_batch_size"],
+        gradient_accumulation_steps=t["grad_accum"],
+        num_train_epochs=t["epochs"],
+        max_steps=t["max_steps"],
+        learning_rate=t["learning_rate"],
+        lr_scheduler_type=t["lr_scheduler"],
+        warmup_steps=t["warmup_ratio"],  # a float < 1 is a ratio of the total steps
+        weight_decay=t["weight_decay"],
+        adam_beta2=t["adam_beta2"],
+        max_grad_norm=t["max_grad_norm"],
+        optim="adamw_torch",
+        bf16=t["precision"] == "bf16",
+        fp16=t["precision"] == "fp16",
+        gradient_checkpointing=t["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t["gradient_checkpointing"] else None,
+        deepspeed=ds_config,
+        save_strategy="steps",
+        save_steps=t["save_steps"],
+        save_total_limit=t["save_total_limit"],
+        logging_steps=t["logging_steps"],
+        logging_first_step=True,
+        seed=t["seed"],
+        data_seed=t["seed"],
+        report_to="none",
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if batching == "padded" and t["group_by_length"] else "random",
+        length_column_name="length",
+        dataloader_num_workers=0,
+        use_cpu=not on_gpu,
+        ddp_backend=None if on_gpu else "gloo",
+        disable_tqdm=rank() != 0,
+    )
+    model = load_model(job, args)
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%s mode, %s batching, %d ranks)", f"{trainable:,}", f"{total:,}", t["mode"], batching, world)
+
+    dataset = load_from_disk(job.dataset_path)
+    collator = PackedCollator() if batching == "packed" else PaddedCollator(pad_token_id=job.pad_token_id)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=build_callbacks(job, collator, trainable, total),
+    )
+    if job.resume_from:
+        log.info("resuming from %s", job.resume_from)
+    result = trainer.train(resume_from_checkpoint=job.resume_from)
+
+    # Final state: a ZeRO checkpoint for the consolidate stage (or a plain state dict without DeepSpeed).
+    final = out / "final"
+    if trainer.is_deepspeed_enabled:
+        trainer.model_wrapped.save_checkpoint(str(final), tag="final")
+    elif rank() == 0:
+        trainer.save_model(str(final))
+    barrier()
+    if job.reference_inputs:
+        logits = reference_logits(trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model, job.reference_inputs)
+        if rank() == 0:
+            from safetensors.torch import save_file
+
+            save_file({"logits": logits.contiguous()}, str(final / "reference_logits.safetensors"))
+    if rank() == 0:
+        summary = {
+            "global_step": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "world_size": world,
+            "batching": batching,
+            "deepspeed_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
+            "mode": t["mode"],
+            "log_history": trainer.state.log_history,
+        }
+        (final / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (final / (COMPLETE_MARKER + ".tmp")).write_text(json.dumps({"global_step": trainer.state.global_step}))
+        os.replace(final / (COMPLETE_MARKER + ".tmp"), final / COMPLETE_MARKER)
+    barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,155 @@
+"""Collators: literal tensors, and exactness of packed / padded batches against one-by-one runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
+from transformers import Qwen2ForCausalLM
+
+from tasks.collate import PackedCollator, PaddedCollator
+from tasks.tokenize import tokenize_dataset
+
+PAD, EOS = 0, 2  # the embedded tokenizer's <|endoftext|> and <|im_end|>
+
+A = {"input_ids": [5, 6, 7, EOS], "labels": [-100, -100, 7, EOS], "id": "a", "length": 4}
+B = {"input_ids": [8, 9], "labels": [-100, 9], "id": "b", "length": 2}
+
+
+def test_padded_literal():
+    c = PaddedCollator(pad_token_id=PAD, eos_token_id=EOS)
+    out = c([A, B])
+    assert out["input_ids"].tolist() == [[5, 6, 7, EOS], [8, 9, PAD, PAD]]
+    assert out["labels"].tolist() == [[-100, -100, 7, EOS], [-100, 9, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert all(v.dtype == torch.long for v in out.values())
+    assert (c.tokens_seen, c.trained_tokens_seen) == (6, 3)
+
+
+def test_padded_to_multiple_and_padding_never_hides_eos():
+    # A sample that ends with a token equal to the pad id must keep it: padding is known by length.
+    C = {"input_ids": [3, PAD, EOS], "labels": [-100, PAD, EOS]}
+    out = PaddedCollator(PAD, pad_to_multiple_of=8)([A, C])
+    assert out["input_ids"].shape == (2, 8)
+    assert out["labels"][1].tolist() == [-100, PAD, EOS] + [-100] * 5
+    assert out["labels"][0, 3].item() == EOS
+
+
+def test_pad_equal_eos_is_refused():
+    with pytest.raises(ValueError, match="pad_token_id == eos_token_id"):
+        PaddedCollator(pad_token_id=EOS, eos_token_id=EOS)
+
+
+def test_packed_literal():
+    c = PackedCollator()
+    out = c([A, B])
+    assert set(out) == {"input_ids", "labels", "position_ids"}  # no attention_mask
+    assert out["input_ids"].tolist() == [[5, 6, 7, EOS, 8, 9]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert out["labels"].tolist() == [[-100, -100, 7, EOS, -100, 9]]
+    # Even a sample whose first label is set does not get trained to follow the previous sample.
+    out = c([A, {"input_ids": [8, 9], "labels": [8, 9]}])
+    assert out["labels"].tolist() == [[-100, -100, 7, EOS, -100, 9]]
+    assert (c.tokens_seen, c.trained_tokens_seen) == (12, 6)
+
+
+# --------------------------------------------------------------------------------------- exactness
+
+
+@pytest.fixture(scope="module")
+def features(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("collate")
+    msgs = [
+        [{"role": "user", "content": "Reverse the words: apple river stone"},
+         {"role": "assistant", "content": "stone river apple"}],
+        [{"role": "system", "content": "You are a helpful assistant."},
+         {"role": "user", "content": "Reverse the words: tiger lemon"}, {"role": "assistant", "content": "lemon tiger"},
+         {"role": "user", "content": "Reverse the words: cloud piano rocket"},
+         {"role": "assistant", "content": "rocket piano cloud"}],
+        [{"role": "user", "content": "请你给敖丙写一首诗：碧海生龙子，云中舞雪霜。"},
+         {"role": "assistant", "content": "恩仇难两忘，何处是家乡？"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello 🙂"}],
+    ]
+    with open(tmp / "in.jsonl", "w", encoding="utf-8") as f:
+        for i, m in enumerate(msgs):
+            f.write(json.dumps({"id": str(i), "messages": m, "source": "t"}, ensure_ascii=False) + "\n")
+    result = tokenize_dataset(tmp / "in.jsonl", str(tiny_model_dir), cache_root=tmp / "cache")
+    feats = list(load_from_disk(str(result.path)))
+    assert len({len(f["input_ids"]) for f in feats}) > 1  # mixed lengths, so padding is exercised
+    return feats
+
+
+def model(tiny_model_dir, attn: str) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32)
+    return m.eval()
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position loss of predicting labels[t + 1] from position t. (T - 1,)"""
+    return F.cross_entropy(logits[:-1].float(), labels[1:], reduction="none", ignore_index=-100)
+
+
+def one_by_one(m, feats) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for f in feats:
+            ids, labels = torch.tensor([f["input_ids"]]), torch.tensor(f["labels"])
+            losses = token_losses(m(input_ids=ids, use_cache=False).logits[0], labels)
+            out.append(losses.sum() / (labels[1:] != -100).sum())
+    return out
+
+
+def packed_losses(m, feats, with_position_ids: bool = True) -> list[torch.Tensor]:
+    batch = PackedCollator()(feats)
+    kwargs = {"position_ids": batch["position_ids"]} if with_position_ids else {}
+    with torch.no_grad():
+        logits = m(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[0]  # (T, V)
+    losses, labels = token_losses(logits, batch["labels"][0]), batch["labels"][0]
+    out, start = [], 0
+    for f in feats:
+        n = len(f["input_ids"])
+        seg = slice(start, start + n - 1)  # positions predicting this sample's own tokens 1..n-1
+        trained = labels[start + 1 : start + n] != -100
+        out.append(losses[seg][trained].sum() / trained.sum())
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_losses_equal_one_by_one(tiny_model_dir, features, attn):
+    m = model(tiny_model_dir, attn)
+    single, packed = one_by_one(m, features), packed_losses(m, features)
+    torch.testing.assert_close(torch.stack(packed), torch.stack(single), rtol=0, atol=1e-5)
+    # The check has teeth: without position_ids the samples attend to each other and losses move.
+    leaky = packed_losses(m, features, with_position_ids=False)
+    assert (torch.stack(leaky) - torch.stack(single)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padded_losses_equal_one_by_one(tiny_model_dir, features, attn):
+    m = model(tiny_model_dir, attn)
+    single = one_by_one(m, features)
+    batch = PaddedCollator(pad_token_id=PAD, eos_token_id=EOS, pad_to_multiple_of=8)(features)
+    with torch.no_grad():
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    padded = []
+    for i in range(len(features)):
+        labels = batch["labels"][i]
+        padded.append(token_losses(logits[i], labels).sum() / (labels[1:] != -100).sum())
+    torch.testing.assert_close(torch.stack(padded), torch.stack(single), rtol=0, atol=1e-5)
+
+
+def test_collators_count_what_the_loss_sees(features):
+    padded, packed = PaddedCollator(PAD), PackedCollator()
+    padded(features)
+    packed(features)
+    trained = sum(sum(1 for x in f["labels"] if x != -100) for f in features)
+    assert padded.tokens_seen == packed.tokens_seen == sum(len(f["input_ids"]) for f in features)
+    assert padded.trained_tokens_seen == packed.trained_tokens_seen == trained
+    # Each sample's closing eos is a target in both layouts.
+    for batch in (padded(features), packed(features)):
+        assert int((batch["labels"] == EOS).sum()) == sum(f["labels"].count(EOS) for f in features) > 0

@@ -1,0 +1,205 @@
+"""Scoring stage: scores on literal cases, batched generation against the one-at-a-time loop, stops, loss."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tasks.evaluate import (
+    EvalResult,
+    _finish,
+    evaluate_model,
+    generate_batch,
+    load_for_inference,
+    log_eval_to_mlflow,
+    read_eval_jsonl,
+    reference_nll,
+    score,
+)
+
+PROMPTS = [
+    [{"role": "user", "content": "Reverse the words: apple river"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse the words: stone cloud tiger lemon piano"}],
+    [{"role": "user", "content": "请你给哪吒写一首诗："}],
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Reverse the words: forest candle rocket"}],
+    [{"role": "user", "content": "Reverse the words: garden silver winter button dragon"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tok, _ = load_for_inference(str(tiny_model_dir))
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def noisy(tiny_model_dir):
+    """The tiny model re-drawn with larger weights: its greedy replies differ per prompt and sometimes stop
+    (the seed-0 init repeats one token forever, which would make any equality check trivial)."""
+    model, tok, _ = load_for_inference(str(tiny_model_dir))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.3)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def eos_model(tiny_model_dir):
+    """Logits = a fixed bias with eos (<|im_end|>) on top: every reply stops at its first token,
+    and the teacher-forced loss has a closed form."""
+    model, tok, _ = load_for_inference(str(tiny_model_dir))
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # hidden state 0 -> logits = lm_head bias
+        head = torch.nn.Linear(model.config.hidden_size, vocab, bias=True)
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 5.0
+    model.lm_head = head
+    return model, tok
+
+
+# --------------------------------------------------------------------------- score
+
+
+def test_score_exact_and_partial_english():
+    assert score("  stone lemon apple  ", "stone lemon apple") == pytest.approx(
+        {"exact_match": 1.0, "char_f1": 1.0, "rouge_l": 1.0, "bleu": 100.0})
+    s = score("stone lemon apple", "stone lemon apple forest")
+    assert s["exact_match"] == 0.0
+    assert s["char_f1"] == pytest.approx(30 / 36)  # 15 of 21 reference characters, all 15 predicted correct
+    assert s["rouge_l"] == pytest.approx(2 * 3 / (3 + 4))  # word LCS 3: P=3/3, R=3/4
+    assert s["bleu"] == pytest.approx(100 * math.exp(1 - 4 / 3), abs=1e-6)  # all n-grams match; brevity penalty
+
+
+def test_score_cjk_is_character_level():
+    s = score("床前明月", "床前明月光")
+    assert s["exact_match"] == 0.0
+    assert s["char_f1"] == pytest.approx(8 / 9)  # P=4/4, R=4/5
+    assert s["rouge_l"] == pytest.approx(8 / 9)  # character LCS 4
+    assert s["bleu"] == pytest.approx(100 * math.exp(1 - 5 / 4), abs=1e-6)  # tokenize="zh": one token per character
+    assert score("疑是地上霜", "床前明月光") == pytest.approx(
+        {"exact_match": 0.0, "char_f1": 0.0, "rouge_l": 0.0, "bleu": 0.0})
+
+
+def test_score_empty():
+    assert score("", "")["exact_match"] == 1.0
+    assert score("", "abc") == pytest.approx({"exact_match": 0.0, "char_f1": 0.0, "rouge_l": 0.0, "bleu": 0.0})
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_finish_cuts_at_first_stop(tiny):
+    _, tok = tiny
+    a = tok("ab cd", add_special_tokens=False)["input_ids"]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    assert _finish(a + [eos, pad, pad], {eos, pad}, tok) == {"prediction": "ab cd", "stopped": True, "new_tokens": len(a) + 1}
+    assert _finish(a, {eos, pad}, tok) == {"prediction": "ab cd", "stopped": False, "new_tokens": len(a)}
+
+
+def test_left_padded_batches_equal_one_at_a_time(noisy):
+    model, tok = noisy
+    gen = {"max_new_tokens": 10}
+    batched = generate_batch(model, tok, PROMPTS, gen, batch_size=4)
+    single = [generate_batch(model, tok, [p], gen, batch_size=1)[0] for p in PROMPTS]
+    assert batched == single
+    assert len({o["prediction"] for o in batched}) > 1  # not a degenerate model
+
+
+def test_random_init_never_stops(tiny):
+    model, tok = tiny
+    out = generate_batch(model, tok, PROMPTS[:3], {"max_new_tokens": 5}, batch_size=2)
+    assert [(o["stopped"], o["new_tokens"]) for o in out] == [(False, 5)] * 3
+
+
+def test_stops_at_eos(eos_model):
+    model, tok = eos_model
+    out = generate_batch(model, tok, PROMPTS, {"max_new_tokens": 8}, batch_size=4)
+    assert out == [{"prediction": "", "stopped": True, "new_tokens": 1}] * len(PROMPTS)
+
+
+def test_unknown_generation_key_is_rejected(tiny):
+    model, tok = tiny
+    with pytest.raises(Exception, match="max_new_token"):
+        generate_batch(model, tok, PROMPTS[:1], {"max_new_token": 4}, batch_size=1)
+
+
+def test_reference_nll_closed_form(eos_model):
+    model, tok = eos_model
+    refs = ["stone lemon", "你好"]
+    total, count = reference_nll(model, tok, [PROMPTS[0], PROMPTS[2]], refs, batch_size=2)
+    # target = reply tokens + <|im_end|>; logits are the bias: nll = log(V - 1 + e^5) - 5 * [token is eos]
+    expected_count = sum(len(tok(r, add_special_tokens=False)["input_ids"]) + 1 for r in refs)
+    assert count == expected_count
+    log_z = math.log(model.config.vocab_size - 1 + math.exp(5.0))
+    assert total == pytest.approx(count * log_z - 5.0 * len(refs), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- evaluate_model
+
+
+def test_evaluate_model_on_folder(tiny_model_dir, demo_dir):
+    res = evaluate_model(str(tiny_model_dir), demo_dir / "reverse_eval.jsonl",
+                         gen={"max_new_tokens": 4}, batch_size=4, max_samples=5)
+    assert set(res.metrics) == {"exact_match", "char_f1", "rouge_l", "bleu", "loss", "perplexity",
+                                "no_stop_rate", "n", "samples_per_s"}
+    assert res.metrics["n"] == 5
+    assert res.metrics["no_stop_rate"] == 1.0  # random init never emits <|im_end|>
+    assert res.metrics["exact_match"] == 0.0
+    assert res.metrics["perplexity"] == pytest.approx(math.exp(res.metrics["loss"]))
+    assert res.metrics["loss"] > 0
+    row = res.rows[0]
+    assert row["id"] == "reverse-eval-00000"
+    assert row["reference"] == "stone lemon apple forest"
+    assert row["prompt"].endswith("<|im_start|>assistant\n")
+    assert {"prediction", "exact_match", "char_f1", "rouge_l", "bleu", "stopped"} <= set(row)
+
+
+def test_read_eval_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "e.jsonl"
+    good = {"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    p.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"e\.jsonl:2"):
+        read_eval_jsonl(p)
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}) + "\n")
+    with pytest.raises(ValueError, match="assistant"):
+        read_eval_jsonl(p)
+    p.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    assert len(read_eval_jsonl(p, max_samples=1)) == 1
+
+
+def test_log_eval_to_mlflow(mlflow_sqlite):
+    import mlflow
+
+    from infra.local import ensure_experiment
+
+    exp = ensure_experiment("t")
+    run = mlflow.MlflowClient().create_run(exp)
+    rid = run.info.run_id
+    res = EvalResult(metrics={"exact_match": 0.5, "n": 2.0},
+                     rows=[{"id": "a", "prediction": "x", "exact_match": 1.0}, {"id": "b", "prediction": "y", "exact_match": 0.0}])
+    log_eval_to_mlflow(res, rid, "challenger")
+    log_eval_to_mlflow(res, rid, "challenger")  # a re-run must not double the table
+    data = mlflow.MlflowClient().get_run(rid).data
+    assert data.metrics["challenger/exact_match"] == 0.5
+    table = mlflow.MlflowClient().load_table(exp, "eval/challenger_table.json", run_ids=[rid])
+    assert list(table["id"]) == ["a", "b"]
+
+
+def test_eval_and_generate_cli(tiny_model_dir, demo_dir, capsys):
+    from tasks.evaluate import eval_cli, generate_cli
+
+    assert eval_cli(str(tiny_model_dir), str(demo_dir / "reverse_eval.jsonl"), 2, 2, 3) == 0
+    out = capsys.readouterr().out
+    assert "exact_match" in out and "perplexity" in out
+    assert eval_cli(str(tiny_model_dir), str(demo_dir / "missing.jsonl"), 2, 2, 3) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert generate_cli(str(tiny_model_dir), "hello", 3, system="Be brief.") == 0
+    assert "max_new_tokens=3" in capsys.readouterr().err  # random init: no end of turn

@@ -1,0 +1,231 @@
+"""Registry stage: idempotent registration, aliases, pyfunc serving, promotion decisions and rollback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks import registry
+from tasks.registry import (
+    apply_promotion,
+    call_with_retry,
+    current_champion,
+    decide_promotion,
+    promote_cli,
+    promotion_markdown,
+    record_eval,
+    register_model,
+    rollback_cli,
+)
+
+CHAT = [{"role": "user", "content": "Reverse the words: apple river stone"}]
+
+
+@pytest.fixture(scope="module")
+def noisy_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model re-drawn with larger weights, so greedy replies are not one repeated token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("noisy-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def _run(experiment: str = "t") -> str:
+    import mlflow
+
+    from infra.local import ensure_experiment
+
+    return mlflow.MlflowClient().create_run(ensure_experiment(experiment)).info.run_id
+
+
+def _versions(name: str) -> list[str]:
+    import mlflow
+
+    return sorted(str(mv.version) for mv in mlflow.MlflowClient().search_model_versions(f"name = '{name}'"))
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_register_is_idempotent_and_serves_chat(mlflow_sqlite, noisy_model_dir):
+    import mlflow
+
+    from tasks.evaluate import generate_batch, load_for_inference
+
+    rid = _run()
+    first = register_model(noisy_model_dir, model_name="m", run_id=rid, fingerprint="fp1", tags={"base": "tiny"})
+    again = register_model(noisy_model_dir, model_name="m", run_id=rid, fingerprint="fp1", tags={"base": "tiny"})
+    assert (first.existed, again.existed) == (False, True)
+    assert first.version == again.version == "1"
+    assert first.model_uri == "models:/m/1"
+    assert _versions("m") == ["1"]
+
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version_by_alias("m", "challenger")
+    assert str(mv.version) == "1"
+    assert mv.tags["ftflow.fingerprint"] == "fp1" and mv.tags["ftflow.run_id"] == rid and mv.tags["base"] == "tiny"
+    assert client.get_run(rid).info.status == "RUNNING"  # registering does not finish the flow's run
+    assert current_champion("m") is None
+
+    # pyfunc serving by alias, with OpenAI-style chat input, offline
+    pyf = mlflow.pyfunc.load_model("models:/m@challenger")
+    out = pyf.predict({"messages": CHAT, "max_tokens": 6})
+    choice = out[0]["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert out[0]["usage"]["completion_tokens"] <= 6
+
+    # the registry copy is the same model as the folder it came from
+    model, tok, local = load_for_inference("models:/m@challenger")
+    ref_model, ref_tok, _ = load_for_inference(str(noisy_model_dir))
+    gen = {"max_new_tokens": 6}
+    assert generate_batch(model, tok, [CHAT], gen, 1) == generate_batch(ref_model, ref_tok, [CHAT], gen, 1)
+    assert choice["message"]["content"] == generate_batch(model, tok, [CHAT], gen, 1)[0]["prediction"]
+    assert load_for_inference("models:/m/1")[2] == local  # cached: one download per version
+
+
+def test_failed_registration_moves_no_alias(mlflow_sqlite, tiny_model_dir, monkeypatch):
+    import mlflow
+
+    rid = _run()
+    v1 = register_model(tiny_model_dir, model_name="m", run_id=rid, fingerprint="a", tags={})
+
+    def boom(*a, **k):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(mlflow, "register_model", boom)
+    with pytest.raises(RuntimeError):
+        register_model(tiny_model_dir, model_name="m", run_id=rid, fingerprint="b", tags={})
+    assert str(mlflow.MlflowClient().get_model_version_by_alias("m", "challenger").version) == v1.version
+    monkeypatch.undo()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_sqlite)
+    from infra.local import ensure_experiment
+
+    with mlflow.start_run(experiment_id=ensure_experiment("t")) as parent:  # another run active in this thread
+        v2 = register_model(tiny_model_dir, model_name="m", run_id=rid, fingerprint="b", tags={})
+        assert mlflow.active_run().info.run_id == parent.info.run_id
+    assert (v2.version, v2.existed) == ("2", False)
+    assert str(mlflow.MlflowClient().get_model_version_by_alias("m", "challenger").version) == "2"
+
+
+def test_retry_only_transient():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+        return "ok"
+
+    assert call_with_retry(flaky, base_delay=0) == "ok" and len(calls) == 3
+
+    calls.clear()
+
+    def bad():
+        calls.append(1)
+        raise MlflowException("bad", error_code=INVALID_PARAMETER_VALUE)
+
+    with pytest.raises(MlflowException):
+        call_with_retry(bad, base_delay=0)
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+@pytest.mark.parametrize(
+    "chal, champ, kw, promote",
+    [
+        ({"exact_match": 0.6}, {"exact_match": 0.5}, {}, True),
+        ({"exact_match": 0.4}, {"exact_match": 0.5}, {}, False),
+        ({"exact_match": 0.5}, {"exact_match": 0.5}, {}, False),  # a tie is not an improvement
+        ({"exact_match": 0.55}, {"exact_match": 0.5}, {"min_improvement": 0.1}, False),
+        ({"exact_match": 0.65}, {"exact_match": 0.5}, {"min_improvement": 0.1}, True),
+        ({"exact_match": 0.9, "char_f1": 0.7}, {"exact_match": 0.5, "char_f1": 0.8}, {"no_regress": ["char_f1"]}, False),
+        ({"exact_match": 0.9, "char_f1": 0.8}, {"exact_match": 0.5, "char_f1": 0.8}, {"no_regress": ["char_f1"]}, True),
+        ({"exact_match": 0.1}, None, {}, True),
+    ],
+)
+def test_decide_promotion(chal, champ, kw, promote):
+    args = {"metric": "exact_match", "min_improvement": 0.0, "no_regress": [], **kw}
+    d = decide_promotion(chal, champ, **args)
+    assert d["promote"] is promote
+    assert d["metric"] == "exact_match" and d["challenger_score"] == chal["exact_match"]
+    if champ is not None:
+        assert d["delta"] == pytest.approx(chal["exact_match"] - champ["exact_match"])
+    assert d["reason"]
+
+
+def test_decide_promotion_names_missing_metric():
+    with pytest.raises(KeyError, match="char_f1"):
+        decide_promotion({"exact_match": 1.0}, {"exact_match": 0.0}, metric="char_f1", min_improvement=0, no_regress=[])
+
+
+def _bare_versions(name: str, n: int) -> None:
+    """Registered versions without artifacts: enough for alias and tag logic."""
+    import mlflow
+
+    from infra.local import configure_environment
+
+    configure_environment()
+    client = mlflow.MlflowClient()
+    client.create_registered_model(name)
+    for _ in range(n):
+        client.create_model_version(name, source="file:///nonexistent")
+
+
+def test_promotion_and_rollback(mlflow_sqlite):
+    import mlflow
+
+    _bare_versions("m", 3)
+    win = {"promote": True, "reason": "better", "metric": "exact_match", "challenger_score": 0.6,
+           "champion_score": 0.5, "delta": 0.1}
+    lose = {**win, "promote": False, "reason": "worse"}
+    apply_promotion("m", "1", win)
+    apply_promotion("m", "2", win, why="nightly")
+    apply_promotion("m", "3", lose)
+    assert current_champion("m") == "2"
+    client = mlflow.MlflowClient()
+    tags2 = client.get_model_version("m", "2").tags
+    assert tags2["ftflow.promotion.previous_champion"] == "1"
+    assert tags2["ftflow.promotion.why"] == "nightly"
+    assert client.get_model_version("m", "3").tags["ftflow.promotion.promote"] == "false"
+
+    assert rollback_cli("m", why="bad outputs") == 0
+    assert current_champion("m") == "1"
+    assert client.get_model_version("m", "2").tags["ftflow.rollback.to"] == "1"
+    assert rollback_cli("m", why="again") == 1  # version 1 replaced nobody
+    assert current_champion("m") == "1"
+
+
+def test_promote_cli_requires_scored_version(mlflow_sqlite, capsys):
+    _bare_versions("m", 2)
+    assert promote_cli("m", "1", force=False, why="") == 1
+    assert "--force" in capsys.readouterr().err
+    assert current_champion("m") is None
+    assert promote_cli("m", "1", force=True, why="hotfix") == 0
+    assert current_champion("m") == "1"
+    record_eval("m", "2", run_id="r123", metrics={"exact_match": 0.9})
+    assert registry.version_eval_metrics("m", "2") == {"exact_match": 0.9}
+    assert promote_cli("m", "2", force=False, why="") == 0
+    assert current_champion("m") == "2"
+    assert promote_cli("m", "9", force=True, why="") == 2
+
+
+def test_promotion_markdown():
+    d = decide_promotion({"exact_match": 0.75, "char_f1": 0.9}, {"exact_match": 0.5, "char_f1": 0.8},
+                         metric="exact_match", min_improvement=0.0, no_regress=[])
+    md = promotion_markdown(d, {"exact_match": 0.75, "char_f1": 0.9}, {"exact_match": 0.5, "char_f1": 0.8}, "m", "3")
+    assert "## m version 3: promoted to **champion**" in md
+    assert "| exact_match ⬅ | 0.7500 | 0.5000 | +0.2500 |" in md
+    assert "| char_f1 | 0.9000 | 0.8000 | +0.1000 |" in md
