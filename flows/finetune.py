@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
@@ -20,7 +21,7 @@ from ftflow.config import PipelineConfig
 from ftflow.utils import sha256_json, state_dir
 from infra.local import ensure_experiment
 from tasks import stages
-from tasks.lineage import end_run, start_parent_run
+from tasks.lineage import end_run, log_text, redact, start_parent_run
 from tasks.registry import current_champion
 
 
@@ -43,6 +44,7 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
             "ftflow.base_model_revision": config.model.revision or "default",
         },
     )
+    log_text(parent, yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False, allow_unicode=True), "config/resolved_config.yaml")
     logger.info("MLflow run %s (%s) — outputs in %s", parent, os.environ.get("MLFLOW_TRACKING_URI"), out_dir)
     try:
         base = stages.prepare_base_model(config)

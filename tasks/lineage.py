@@ -150,3 +150,32 @@ def log_loss_plot(run_id: str, log_history: list[dict[str, Any]], out_dir: Path)
     path.write_bytes(loss_plot_png(log_history))
     MlflowClient().log_artifact(run_id, str(path), artifact_path="training")
     return path
+
+
+def length_histogram_png(hist: dict[str, list[int]], title: str = "Tokenized sample lengths") -> bytes:
+    """Bar chart of the tokenize stage's length histogram ({"edges": [...], "counts": [...]})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges, counts = hist["edges"], hist["counts"]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge", edgecolor="white")
+    ax.set_xlabel("tokens per sample")
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def log_png(run_id: str, png: bytes, artifact_file: str, scratch_dir: Path) -> None:
+    from mlflow import MlflowClient
+
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    path = scratch_dir / Path(artifact_file).name
+    path.write_bytes(png)
+    MlflowClient().log_artifact(run_id, str(path), artifact_path=str(Path(artifact_file).parent))

@@ -116,7 +116,7 @@ def convert_data(cfg: PipelineConfig, out_dir: Path, parent_run_id: str) -> Data
 
 @task(name="tokenize")
 def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_, parent_run_id: str) -> TokensOut:
-    from tasks.lineage import log_dict, set_tags
+    from tasks.lineage import length_histogram_png, log_dict, log_png, set_tags
     from tasks.tokenize import tokenize_dataset
 
     logger = get_run_logger()
@@ -140,6 +140,16 @@ def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_, parent_run
     )
     log_dict(parent_run_id, s, "data/tokenize_stats.json")
     set_tags(parent_run_id, {"ftflow.tokenized_cache_key": res.key, "ftflow.tokenized_cache_hit": res.hit})
+    hist = s.get("length_histogram")
+    if hist:
+        log_png(parent_run_id, length_histogram_png(hist), "data/length_histogram.png", state_dir() / "tmp" / parent_run_id)
+        bins = [f"{a}-{b}" for a, b in zip(hist["edges"][:-1], hist["edges"][1:])]
+        create_table_artifact(
+            key="tokenize-stats",
+            table=[{"tokens": b, "samples": c} for b, c in zip(bins, hist["counts"])]
+            + [{"tokens": k, "samples": s.get(k)} for k in ("samples", "tokens", "trained_tokens", "truncated", "dropped", "rejected_total")],
+            description=f"Tokenization ({'cache hit' if res.hit else 'built'}, key {res.key[:16]}): length histogram and counts",
+        )
     from datasets import load_from_disk
 
     ds = load_from_disk(str(res.path))

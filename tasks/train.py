@@ -98,7 +98,10 @@ def _rank_log_tail(log_dir: Path, rank: int | None, lines: int = 40) -> str:
 
 
 def _failed_rank(output: str) -> tuple[int | None, int | None]:
-    """torchrun's failure summary: 'rank : 1 (local_rank: 1)' ... 'exitcode : -9 (pid: ...)'."""
+    """torchrun's failure summary: the 'Root Cause' entry's 'rank : 1 (local_rank: 1)' and
+    'exitcode : -9'; the 'Failures' entries above it are the ranks torchrun stopped afterwards."""
+    if "Root Cause" in output:
+        output = output[output.rindex("Root Cause"):]
     m_rank = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank", output)
     m_code = re.search(r"exitcode\s*:\s*(-?\d+)", output)
     return (int(m_rank.group(1)) if m_rank else None, int(m_code.group(1)) if m_code else None)

@@ -1,0 +1,89 @@
+"""The launcher's logic without training: keys, checkpoint completeness, rank failure reporting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftflow.config import TrainConfig
+from tasks.train import TrainingFailed, clean_partial_checkpoints, kill_group, launch, torchrun_command, train_key
+from tasks.train_worker import COMPLETE_MARKER, fill_deepspeed_config, latest_complete_checkpoint
+
+
+def test_train_key_ignores_launch_only_settings():
+    base = TrainConfig()
+    k = train_key(base, "data", "model", "tmpl")
+    assert k == train_key(TrainConfig(timeout_minutes=5, node_rank=0, master_port=0, logging_steps=1), "data", "model", "tmpl")
+    assert k != train_key(TrainConfig(seed=7), "data", "model", "tmpl")
+    assert k != train_key(base, "data2", "model", "tmpl")
+    assert k != train_key(base, "data", "model", "other template")
+
+
+def test_only_marked_checkpoints_count(tmp_path):
+    for step, done in ((10, True), (20, True), (30, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if done:
+            (d / COMPLETE_MARKER).write_text("{}")
+    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-20"
+    removed = clean_partial_checkpoints(tmp_path)
+    assert [p.name for p in removed] == ["checkpoint-30"] and not (tmp_path / "checkpoint-30").exists()
+    assert latest_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_deepspeed_batch_sizes_are_explicit():
+    ds = json.loads((Path(__file__).resolve().parents[2] / "configs/deepspeed/zero3.json").read_text())
+    t = TrainConfig(micro_batch_size=4, grad_accum=3).model_dump()
+    filled = fill_deepspeed_config(ds, t, world=2)
+    assert filled["train_batch_size"] == 24 and filled["train_micro_batch_size_per_gpu"] == 4
+    assert filled["gradient_accumulation_steps"] == 3 and "_comment" not in filled
+    assert filled["bf16"] == {"enabled": False}
+
+
+def test_torchrun_command_single_and_multi_node(tmp_path):
+    single = torchrun_command(tmp_path / "job.json", TrainConfig(nproc_per_node=2), tmp_path)
+    assert "--standalone" in single and "--nproc-per-node=2" in single and single[-2:] == ["tasks.train_worker", str(tmp_path / "job.json")]
+    multi = torchrun_command(tmp_path / "job.json", TrainConfig(nnodes=2, node_rank=1, master_port=29500, master_addr="10.0.0.1"), tmp_path)
+    assert "--standalone" not in multi and "--node-rank=1" in multi and "--master-addr=10.0.0.1" in multi
+
+
+def test_failing_rank_is_named_with_exit_code_and_log_tail(tmp_path, monkeypatch):
+    """A real torchrun with 2 ranks where rank 1 dies: the error names rank 1, its code and its output."""
+    job = tmp_path / "job.json"
+    job.write_text("{}")
+    worker = tmp_path / "fake_worker"
+    worker.mkdir()
+    (worker / "tasks_fake.py").write_text(
+        "import os, sys, time\n"
+        "r = int(os.environ['RANK'])\n"
+        "print(f'rank {r} starting', flush=True)\n"
+        "if r == 1:\n    sys.stderr.write('boom: simulated failure in rank 1\\n'); sys.exit(3)\n"
+        "time.sleep(60)\n"
+    )
+    import tasks.train as tt
+
+    monkeypatch.setattr(tt, "torchrun_command", lambda j, t, d: [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", f"--log-dir={d}",
+        "--tee=3", "--local-ranks-filter=0", str(worker / "tasks_fake.py"),
+    ])
+    lines: list[str] = []
+    with pytest.raises(TrainingFailed) as err:
+        launch(job, TrainConfig(nproc_per_node=2, timeout_minutes=2), tmp_path / "logs", on_line=lines.append)
+    e = err.value
+    assert e.rank == 1 and e.exit_code == 3
+    assert "boom: simulated failure in rank 1" in str(e)
+    assert "rank 1 exited with code 3" in str(e)
+    # no rank left behind
+    out = subprocess.run(["pgrep", "-f", str(worker / "tasks_fake.py")], capture_output=True, text=True)
+    assert out.stdout.strip() == ""
+
+
+def test_kill_group_ends_children(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"],
+                            start_new_session=True)
+    kill_group(proc, grace_s=5)
+    assert proc.poll() is not None
