@@ -33,3 +33,12 @@ bench: $(STAMP)
 
 clean-state:
 	rm -rf .ftflow
+
+# The service stack on 127.0.0.1 (Prefect server + UI :4200, MLflow server + UI :5000, a worker on
+# the process pool `ftflow`); state and logs under .ftflow/stack/. See README "Running as a service".
+.PHONY: up down
+up: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 $(PY) -m infra.stack up
+
+down: $(STAMP)
+	$(PY) -m infra.stack down

@@ -25,7 +25,12 @@ from tasks.lineage import end_run, log_text, redact, start_parent_run
 from tasks.registry import current_champion
 
 
-@flow(name="finetune", log_prints=False)
+# The whole run ends after this long (training has its own limit, train.timeout_minutes); on a
+# timeout every training rank is stopped. FTFLOW_FLOW_TIMEOUT_HOURS changes it.
+FLOW_TIMEOUT_S = float(os.environ.get("FTFLOW_FLOW_TIMEOUT_HOURS", 48)) * 3600
+
+
+@flow(name="finetune", log_prints=False, timeout_seconds=FLOW_TIMEOUT_S)
 def finetune(config: PipelineConfig) -> dict[str, Any]:
     logger = get_run_logger()
     run_id = flow_run.get_id() or "local"
@@ -48,9 +53,12 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
     logger.info("MLflow run %s (%s) — outputs in %s", parent, os.environ.get("MLFLOW_TRACKING_URI"), out_dir)
     try:
         base = stages.prepare_base_model(config)
-        data = stages.convert_data(config, out_dir / "data", parent)
-        tokens = stages.tokenize(config, data.train_path, base, parent)
-        trained = stages.train(config, tokens, base, experiment_id, parent)
+        data, cached = stages.run_cached(stages.convert_data, config, out_dir / "data")  # cached on content
+        stages.record_data(config, data, cached, parent)
+        tokens, cached = stages.run_cached(stages.tokenize, config, data.train_path, base)
+        tokens = stages.record_tokens(tokens, cached, parent)
+        with stages.gpu_slot(config):  # a second run waits here until the first one's training ends
+            trained = stages.train(config, tokens, base, experiment_id, parent)
         model_dir = stages.consolidate(config, trained, base, tokens)
         fingerprint = sha256_json({"train": trained["train_key"], "name": config.registry.model_name})
         version = stages.register(

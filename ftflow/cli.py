@@ -49,6 +49,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ftflow.config import load_config
 
     cfg = load_config(_config_path(args.config), args.set)  # validated before anything heavy starts
+    from tasks.preflight import check
+
+    check(cfg)
+    if cfg.model.hub_token is not None:  # handed to from_pretrained (and every rank) via the environment only
+        import os
+
+        os.environ.setdefault("HF_TOKEN", cfg.model.hub_token.get_secret_value())
     from flows.finetune import finetune
 
     t0 = time.perf_counter()
@@ -193,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup()
     from ftflow.config import ConfigError
+    from tasks.preflight import PreflightError
 
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
+    except (ConfigError, PreflightError) as err:
         sys.stderr.write(f"ftflow: {err}\n")
         return 2
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -33,6 +33,9 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repo. Off unless you trust the repo."
+    )
+    hub_token: SecretStr | None = Field(
+        None, description="Token for private hub models (prefer the HF_TOKEN environment variable). Never logged."
     )
 
 
@@ -135,7 +138,9 @@ class EvalConfig(_Section):
 
 
 class RegistryConfig(_Section):
-    model_name: str = Field("ftflow-demo", description="Registered model name in MLflow.")
+    model_name: str = Field(
+        "ftflow-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Registered model name in MLflow (folder-safe)."
+    )
     experiment: str = Field("ftflow", description="MLflow experiment of the runs.")
 
 
@@ -160,16 +165,37 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> "PipelineConfig":
+        """Combinations that cannot work, all reported at once, each with the alternative."""
         t = self.train
-        if t.mode == "qlora" and t.deepspeed and _zero_stage(t.deepspeed) == 3:
-            raise ValueError(
+        problems = []
+        stage = _zero_stage(t.deepspeed) if t.deepspeed else None
+        if t.deepspeed and stage is None:
+            problems.append(
+                f"train.deepspeed={t.deepspeed!r} is not a readable DeepSpeed JSON file; pick one of "
+                "configs/deepspeed/zero2.json, zero3.json, zero3_offload.json, or null (no DeepSpeed)."
+            )
+        if t.mode == "qlora" and stage == 3:
+            problems.append(
                 "train.mode=qlora cannot run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned). "
                 "Use configs/deepspeed/zero2.json, or train.mode=lora with ZeRO-3."
             )
         if t.nnodes > 1 and t.master_port == 0:
-            raise ValueError("train.nnodes > 1 needs an explicit train.master_port that every node uses.")
+            problems.append("train.nnodes > 1 needs an explicit train.master_port that every node uses (e.g. 29500).")
+        if t.node_rank >= t.nnodes:
+            problems.append(f"train.node_rank={t.node_rank} must be below train.nnodes={t.nnodes}.")
+        if t.nnodes > 1 and t.master_addr in ("127.0.0.1", "localhost"):
+            problems.append("train.nnodes > 1 needs train.master_addr set to node 0's address that the other nodes reach.")
         if t.precision == "fp16" and t.mode == "qlora":
-            raise ValueError("train.mode=qlora with precision=fp16 is unstable; use precision=bf16.")
+            problems.append("train.mode=qlora with precision=fp16 is unstable; use precision=bf16.")
+        if t.mode == "qlora" and t.precision != "fp32" and t.quant.compute_dtype == "float32":
+            problems.append(
+                f"train.quant.compute_dtype=float32 with train.precision={t.precision} mixes dtypes in every "
+                f"4-bit layer; set train.quant.compute_dtype={'bfloat16' if t.precision == 'bf16' else 'float16'}."
+            )
+        if t.mode == "full" and (t.lora.merge or t.lora.use_dora or t.lora.modules_to_save):
+            problems.append("train.lora.* settings apply to train.mode=lora or qlora only; set train.mode=lora or drop them.")
+        if problems:
+            raise ValueError("\n  - ".join(problems))
         return self
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,17 +32,21 @@ class ConsolidationError(RuntimeError):
     pass
 
 
-def _zero_state_dict(final_dir: Path, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
+def _zero_state_dict(final_dir: Path, exclude_frozen: bool = False) -> dict[str, Any]:
+    """Name -> lazy tensor: DeepSpeed's `zero_to_fp32` in lazy mode maps the rank shards and gathers
+    one parameter only when `.contiguous()` is called on it (plain tensors for frozen parameters)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(final_dir), tag="final", exclude_frozen_parameters=exclude_frozen)
+    return get_fp32_state_dict_from_zero_checkpoint(
+        str(final_dir), tag="final", exclude_frozen_parameters=exclude_frozen, lazy_mode=True
+    )
 
 
 def _hf_state_dict(final_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = sorted(final_dir.glob("*.safetensors"))
-    files = [f for f in files if f.name != "reference_logits.safetensors"]
+    files = [f for f in files if not f.name.startswith("reference_logits")]
     if not files:
         raise ConsolidationError(f"{final_dir} holds no model weights (*.safetensors)")
     state: dict[str, torch.Tensor] = {}
@@ -49,10 +55,52 @@ def _hf_state_dict(final_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def trained_state_dict(final_dir: Path, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
+def trained_state_dict(final_dir: Path, exclude_frozen: bool = False) -> dict[str, Any]:
+    """The trained weights by name; values are tensors or lazy ZeRO tensors (call `.contiguous()`)."""
     if (final_dir / "latest").is_file():
         return _zero_state_dict(final_dir, exclude_frozen)
     return _hf_state_dict(final_dir)
+
+
+def materialise(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def write_sharded_safetensors(state: dict[str, Any], out: Path, max_shard_bytes: int = 2 << 30) -> None:
+    """Write `state` as HF safetensors shards, gathering one shard at a time.
+
+    Peak memory is one shard (at most `max_shard_bytes`, or one tensor if it is bigger) beyond what
+    the lazy state holds (memory-mapped rank files), never a second full copy of the model.
+    """
+    from safetensors.torch import save_file
+
+    def nbytes(v) -> int:
+        return math.prod(v.shape) * v.dtype.itemsize
+
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k, v in state.items():
+        if groups[-1] and size + nbytes(v) > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nbytes(v)
+    names = (
+        ["model.safetensors"]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
+    weight_map: dict[str, str] = {}
+    for name, keys in zip(names, groups):
+        shard = {k: state[k].contiguous().clone() for k in keys}  # clone: shared storage would refuse to save
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+        del shard
+    if len(groups) > 1:
+        total = sum(nbytes(v) for v in state.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
 
 
 def _save_tokenizer_and_generation(base_path: str, out: Path, chat_template: str | None, trust_remote_code: bool) -> None:
@@ -79,49 +127,65 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
 
 
-def export_full(final_dir: Path, base_path: str, out: Path, *, trust_remote_code: bool = False) -> None:
-    """Full fine-tuning: trained weights into the base architecture, saved as safetensors."""
+def export_full(final_dir: Path, base_path: str, out: Path, *, trust_remote_code: bool = False,
+                max_shard_bytes: int = 2 << 30) -> None:
+    """Full fine-tuning: the trained fp32 weights under the base architecture's names, as safetensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     state = trained_state_dict(final_dir)
     config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
+    with torch.device("meta"):  # names and shapes only, no memory
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    expected = set(model.state_dict().keys())
-    missing = expected - set(state)
-    tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
-    if missing - tied:
-        raise ConsolidationError(f"the trained state lacks {len(missing - tied)} tensors, e.g. {sorted(missing - tied)[:3]}")
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
+    expected = model.state_dict()
+    tied_keys = getattr(model, "_tied_weights_keys", None) or {}  # {"lm_head.weight": "model.embed_tokens.weight"}
+    tied = set(tied_keys) if getattr(config, "tie_word_embeddings", False) else set()
+    missing = set(expected) - set(state) - tied
+    if missing:
+        raise ConsolidationError(f"the trained state lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ConsolidationError(f"trained tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
+                                 f"the base expects {tuple(expected[bad[0]].shape)}")
+    # Tied copies (lm_head = embed_tokens) are written once, as save_pretrained does.
+    keep = {k: state[k] for k in expected if k in state and k not in tied}
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    write_sharded_safetensors(keep, out, max_shard_bytes)
 
 
 def export_lora(final_dir: Path, base_path: str, out: Path, *, merge: bool, trust_remote_code: bool = False) -> None:
-    """LoRA / Q-LoRA: the adapter (full-shape tensors) for the un-quantised base; optionally merged."""
-    from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    """LoRA / Q-LoRA: the adapter (every tensor at full shape) for the un-quantised base.
+
+    Layout: merge=False puts the adapter folder at the root of `out` (adapter_config.json names the
+    base by path, so `AutoModelForCausalLM.from_pretrained(out)` loads base + adapter through peft);
+    merge=True puts the merged full model at the root and the adapter in `out/adapter/`.
+    """
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    adapter_cfg_dir = final_dir if (final_dir / "adapter_config.json").is_file() else final_dir.parent / "adapter_config"
-    peft_cfg = PeftConfig.from_pretrained(str(adapter_cfg_dir))
-    state = trained_state_dict(final_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model = PeftModel(base, peft_cfg)
-    # Names as the engine saw them ("base_model.model....lora_A.weight" or with ".default").
-    adapter_state = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k or "lora_magnitude" in k}
+    if not (final_dir / "adapter_config.json").is_file():
+        raise ConsolidationError(f"{final_dir} has no adapter_config.json; it was not trained with train.mode=lora/qlora")
+    peft_cfg = PeftConfig.from_pretrained(str(final_dir))
+    peft_cfg.base_model_name_or_path = str(base_path)
+    state = trained_state_dict(final_dir, exclude_frozen=True)
+    adapter_state = {
+        k: v.contiguous() for k, v in state.items() if "lora_" in k or "modules_to_save" in k or "lora_magnitude" in k
+    }
     if not adapter_state:
         raise ConsolidationError(f"no LoRA tensors found in {final_dir}")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = PeftModel(base, peft_cfg)
     result = set_peft_model_state_dict(model, _normalise_adapter_keys(adapter_state))
     if result.unexpected_keys:
         raise ConsolidationError(f"adapter tensors did not match the model: {result.unexpected_keys[:3]}")
-    adapter_dir = out / "adapter"
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing:
+        raise ConsolidationError(f"the trained adapter lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    adapter_dir = out / "adapter" if merge else out
     model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    assert get_peft_model_state_dict(model)  # full-shape tensors were written
     if merge:
         merged = model.merge_and_unload()
         merged.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
-    else:
-        base.config.save_pretrained(out)
 
 
 def _normalise_adapter_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,13 @@ Replaces seed 004's loop (one `generate` per prompt, `[/INST]` string splitting)
   loss / perplexity of the references given their prompts.
 
 `python -m bench.bench_inference` compares this batched loop with seed 004's loop.
+
+Why not MLflow's GenAI evaluation API: `mlflow.genai.evaluate` does run offline with our own
+`@scorer` functions (checked on MLflow 3.17), but it writes one trace per row. On the SQLite store
+20 rows took 34 s and traces were dropped ("QueuePool limit ... reached"), and its scores are
+per-row means only (perplexity needs the model's logits, not the reply text). The legacy
+`mlflow.evaluate` works too but is deprecated for LLMs. So this stage computes the metrics itself
+and logs them with the per-example table (`log_table`, shown in the run's Artifacts view).
 """
 
 from __future__ import annotations
@@ -420,6 +427,50 @@ def log_eval_to_mlflow(result: EvalResult, run_id: str, prefix: str) -> None:
         log.info("run %s already has %s; table not logged again", run_id, artifact)
         return
     call_with_retry(client.log_table, run_id, data=pd.DataFrame(result.rows), artifact_file=artifact)
+
+
+def scored_inference_run(model_ref: str, eval_jsonl: str | Path, *, gen: dict, batch_size: int,
+                         max_samples: int | None, experiment_id: str, run_name: str,
+                         tags: dict[str, str] | None = None, trust_remote_code: bool = False,
+                         record: bool = True) -> dict[str, Any]:
+    """A standalone scored inference run: one MLflow run holding what was scored, how, and the scores.
+
+    Params: model ref, data file and its sha256, batch size, max samples, generation settings.
+    Tags: lineage (git commit, library versions) plus the resolved registry version. Metrics
+    `eval/*` and the per-example table `eval/eval_table.json`. When `model_ref` is a registered
+    version and `record`, the version is tagged as scored by this run (what `ftflow promote` needs).
+    """
+    from ftflow.config import GenerationConfigModel
+    from ftflow.utils import sha256_file
+    from tasks.lineage import end_run, start_parent_run
+    from tasks.registry import record_eval, resolve_version
+
+    g = GenerationConfigModel.model_validate(gen or {}).model_dump()
+    if not Path(eval_jsonl).is_file():
+        raise FileNotFoundError(f"eval data {eval_jsonl} does not exist; pass a canonical JSONL file "
+                                "(`ftflow convert` writes one)")
+    resolved = resolve_version(model_ref)  # pins an alias to the version it points at now
+    data_sha = sha256_file(eval_jsonl)
+    run_tags = {"ftflow.model_ref": model_ref, "ftflow.eval_data_sha256": data_sha, **(tags or {})}
+    if resolved:
+        run_tags.update({"ftflow.model_name": resolved[0], "ftflow.model_version": resolved[1]})
+    params = {"model": model_ref, "data": str(eval_jsonl), "data_sha256": data_sha, "batch_size": batch_size,
+              "max_samples": max_samples, "generation": g}
+    run_id = start_parent_run(experiment_id, run_name, params, tags=run_tags)
+    try:
+        # score the pinned version, so a concurrent alias move cannot mix two models in one run
+        ref = f"models:/{resolved[0]}/{resolved[1]}" if resolved else model_ref
+        result = evaluate_model(ref, eval_jsonl, gen=g, batch_size=batch_size, max_samples=max_samples,
+                                trust_remote_code=trust_remote_code)
+        log_eval_to_mlflow(result, run_id, "eval")
+        if resolved and record:
+            record_eval(resolved[0], resolved[1], run_id, result.metrics)
+    except BaseException:
+        end_run(run_id, "FAILED")
+        raise
+    end_run(run_id)
+    return {"run_id": run_id, "model_ref": model_ref, "model_version": resolved, "metrics": result.metrics,
+            "rows": result.rows, "data_sha256": data_sha, "recorded": bool(resolved and record)}
 
 
 # --------------------------------------------------------------------------- CLI

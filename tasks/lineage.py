@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import subprocess
 from importlib import metadata
@@ -19,7 +20,6 @@ from ftflow.utils import PROJECT_ROOT
 
 log = logging.getLogger("ftflow.lineage")
 
-SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.I)
 REDACTED = "***"
 LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "prefect", "mlflow", "datasets", "bitsandbytes")
 
@@ -35,12 +35,58 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def redact(d: Any) -> Any:
-    """Replace the value of every key that looks like a secret, at any depth."""
+# Words that make a key secret wherever they appear (`hf_token`, `MLFLOW_TRACKING_PASSWORD`,
+# `aws_secret_access_key`, `apiKey`), matched on whole words so that `tokenize`,
+# `max_new_tokens` or `trained_tokens` stay visible.
+SECRET_WORDS = {"password", "passwd", "pwd", "secret", "secrets", "credential", "credentials", "apikey",
+                "auth", "authorization", "bearer", "cookie", "private"}
+# `*_token` is secret, except the special-token names of a tokenizer (`pad_token`, `eos_token`, ...).
+SPECIAL_TOKEN_WORDS = {"pad", "eos", "bos", "unk", "sep", "cls", "mask", "end", "start", "im", "max", "num", "special"}
+_URL_USERINFO = re.compile(r"(\w+://[^/\s:@]+:)[^/\s@]+@")
+
+
+def _words(key: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower())
+
+
+def is_secret_key(key: str) -> bool:
+    """True for keys that name a credential: `token`, `hf_token`, `api_key`, `password`, `client_secret`."""
+    words = _words(key)
+    if not words:
+        return False
+    if SECRET_WORDS & set(words):
+        return True
+    if words[-1] == "key" and len(words) > 1 and words[-2] in {"api", "access", "secret", "private", "auth", "signing"}:
+        return True
+    return words[-1] == "token" and (len(words) == 1 or words[-2] not in SPECIAL_TOKEN_WORDS)
+
+
+def secret_env_values(environ: dict[str, str] | None = None) -> list[str]:
+    """Values of the environment's credential variables (HF_TOKEN, MLFLOW_TRACKING_PASSWORD, ...), longest first."""
+    env = os.environ if environ is None else environ
+    return sorted({v for k, v in env.items() if is_secret_key(k) and len(v) >= 6}, key=len, reverse=True)
+
+
+def _redact_text(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        text = text.replace(s, REDACTED)
+    return _URL_USERINFO.sub(rf"\g<1>{REDACTED}@", text)  # https://user:PASSWORD@host
+
+
+def redact(d: Any, _secrets: list[str] | None = None) -> Any:
+    """A copy of `d` safe to log: secrets replaced by `***`, at any depth.
+
+    Three rules: the value of a key that names a credential (`is_secret_key`); any occurrence of
+    the value of a credential environment variable (a token pasted into a path or URL); the
+    password of a URL (`scheme://user:PASSWORD@host`).
+    """
+    secrets = secret_env_values() if _secrets is None else _secrets
     if isinstance(d, dict):
-        return {k: (REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)) for k, v in d.items()}
-    if isinstance(d, list):
-        return [redact(x) for x in d]
+        return {k: (REDACTED if is_secret_key(k) and v not in (None, "") else redact(v, secrets)) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [redact(x, secrets) for x in d]
+    if isinstance(d, str):
+        return _redact_text(d, secrets)
     return d
 
 

@@ -3,7 +3,7 @@
 One registered model (`registry.model_name`) holds every fine-tuned version. Two aliases carry the
 state a deployment reads:
 - `challenger`: the newest registered version, set by `register_model`;
-- `champion`: the version that serves, set only by `apply_promotion` / `promote_cli` / `rollback_cli`.
+- `champion`: the version that serves, set only by `apply_promotion` / `promote_version` / `rollback_champion`.
 
 Everything a decision was based on is written as version tags, so the registry itself is the audit
 log (`ftflow.promotion.*`, `ftflow.rollback.*`, `ftflow.eval.*`). Rollback follows the
@@ -319,7 +319,7 @@ def apply_promotion(model_name: str, version: str, decision: dict[str, Any], *, 
                     why: str = "") -> None:
     """Write `decision` as `ftflow.promotion.*` tags on `version`; if it promotes, move `champion` there.
 
-    The version it replaces is kept in `ftflow.promotion.previous_champion`, which `rollback_cli` follows.
+    The version it replaces is kept in `ftflow.promotion.previous_champion`, which `rollback_champion` follows.
     """
     client = _client()
     version = str(version)
@@ -351,63 +351,117 @@ def _fmt(x: Any) -> str:
     return "" if x is None else (f"{x:.6g}" if isinstance(x, float) else str(x))
 
 
-def promote_cli(name: str, version: str, force: bool, why: str) -> int:
-    """`ftflow promote NAME VERSION`: make VERSION champion; only scored versions unless --force."""
+class PromotionRefused(Exception):
+    """A manual promotion or rollback that the registry's state does not allow; the message says what to do."""
+
+
+def resolve_version(model_ref: str) -> tuple[str, str] | None:
+    """(name, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`; None for folders and hub ids."""
+    if not model_ref.startswith("models:/"):
+        return None
+    rest = model_ref[len("models:/"):]
+    client = _client()
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, str(call_with_retry(client.get_model_version_by_alias, name, alias).version)
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, str(call_with_retry(client.get_model_version, name, version).version)
+    raise ValueError(f"model {model_ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def promote_version(name: str, version: str, *, force: bool, why: str, who: str) -> dict[str, Any]:
+    """Make `version` of `name` the champion, by a person's decision.
+
+    Refused (PromotionRefused) when the version has no scored inference run (tag `ftflow.eval.run_id`,
+    written by the finetune flow or the `evaluate` flow) unless `force`. Who, why and the scores the
+    version earned are written as `ftflow.promotion.*` tags. Returns what happened.
+    """
     from mlflow.exceptions import MlflowException
 
     client = _client()
+    version = str(version)
     try:
-        mv = call_with_retry(client.get_model_version, name, str(version))
+        mv = call_with_retry(client.get_model_version, name, version)
     except MlflowException as err:
-        print(f"error: model {name!r} has no version {version!r}: {err.message}", file=sys.stderr)
-        return 2
+        raise LookupError(f"model {name!r} has no version {version!r}: {err.message}") from None
     scored_by = mv.tags.get(TAG_EVAL_RUN)
     if not scored_by and not force:
-        print(f"error: {name} version {version} has no scored inference run (tag {TAG_EVAL_RUN}). "
-              f"Score it first (the pipeline's eval stage, or `ftflow eval --model models:/{name}/{version} "
-              "--data FILE`), or pass --force to promote it unscored.", file=sys.stderr)
-        return 1
+        raise PromotionRefused(
+            f"{name} version {version} has no scored inference run (tag {TAG_EVAL_RUN}). Score it first "
+            f"(`ftflow eval --model models:/{name}/{version} --data FILE`, or the finetune flow), "
+            "or pass --force to promote it unscored.")
     previous = current_champion(name)
-    reason = f"manual promotion{' (forced, unscored)' if not scored_by else ''}"
+    scores = version_eval_metrics(name, version)
+    reason = "manual promotion" + (f" (scored by run {scored_by})" if scored_by else " (forced, unscored)")
     decision = {"promote": True, "reason": reason, "metric": "", "challenger_score": None,
                 "champion_score": None, "delta": None}
-    apply_promotion(name, str(version), decision, who=_user(), why=why)
-    print(f"{name}: champion {previous or 'none'} -> {version}")
-    return 0
+    apply_promotion(name, version, decision, who=who, why=why)
+    if force and not scored_by:
+        call_with_retry(client.set_model_version_tag, name, version, TAG_PROMO + "forced", "true")
+    return {"model": name, "version": version, "previous_champion": previous, "scored_by": scored_by,
+            "forced": bool(force and not scored_by), "scores": scores, "who": who, "why": why}
 
 
-def rollback_cli(name: str, why: str) -> int:
-    """`ftflow rollback NAME`: move `champion` back to the version it replaced, recorded as tags."""
+def rollback_champion(name: str, *, why: str, who: str) -> dict[str, Any]:
+    """Move `champion` back to the version the current one replaced (its `previous_champion` tag).
+
+    Both versions get `ftflow.rollback.*` tags (who, why, when, from/to). Refused when there is no
+    champion, no recorded predecessor, or the predecessor was deleted.
+    """
     from mlflow.exceptions import MlflowException
 
     client = _client()
     current = current_champion(name)
     if current is None:
-        print(f"error: model {name!r} has no champion to roll back", file=sys.stderr)
-        return 1
+        raise PromotionRefused(f"model {name!r} has no champion to roll back")
     mv = call_with_retry(client.get_model_version, name, current)
     previous = mv.tags.get(TAG_PREVIOUS, "")
-    current = str(current)
     if not previous:
-        print(f"error: {name} version {current} has no previous champion recorded "
-              f"(tag {TAG_PREVIOUS}); promote a version explicitly with `ftflow promote`", file=sys.stderr)
-        return 1
+        raise PromotionRefused(f"{name} version {current} has no previous champion recorded (tag {TAG_PREVIOUS}); "
+                               "promote a version explicitly with `ftflow promote`")
     try:
         call_with_retry(client.get_model_version, name, previous)
     except MlflowException:
-        print(f"error: previous champion {name} version {previous} no longer exists; "
-              "promote a version explicitly with `ftflow promote`", file=sys.stderr)
-        return 1
-    record = {"to": previous, "who": _user(), "why": why, "at": _now()}
+        raise PromotionRefused(f"previous champion {name} version {previous} no longer exists; "
+                               "promote a version explicitly with `ftflow promote`") from None
+    record = {"to": previous, "who": who, "why": why, "at": _now()}
     for k, v in record.items():
         call_with_retry(client.set_model_version_tag, name, current, TAG_ROLLBACK + k, v)
-    call_with_retry(client.set_model_version_tag, name, previous, TAG_ROLLBACK + "restored_from", current)
+    for k, v in {"restored_from": current, "restored_by": who, "restored_why": why}.items():
+        call_with_retry(client.set_model_version_tag, name, previous, TAG_ROLLBACK + k, v)
     call_with_retry(client.set_registered_model_alias, name, CHAMPION, previous)
-    print(f"{name}: champion {current} -> {previous} (rollback)")
+    log.info("%s: champion %s -> %s (rollback by %s: %s)", name, current, previous, who, why)
+    return {"model": name, "from": current, "to": previous, "who": who, "why": why}
+
+
+def promote_cli(name: str, version: str, force: bool, why: str, who: str | None = None) -> int:
+    """`ftflow promote NAME VERSION` without Prefect: 0 done, 1 refused, 2 no such version."""
+    try:
+        r = promote_version(name, str(version), force=force, why=why, who=who or current_user())
+    except LookupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except PromotionRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{name}: champion {r['previous_champion'] or 'none'} -> {r['version']}")
     return 0
 
 
-def _user() -> str:
+def rollback_cli(name: str, why: str, who: str | None = None) -> int:
+    """`ftflow rollback NAME` without Prefect: 0 done, 1 refused."""
+    try:
+        r = rollback_champion(name, why=why, who=who or current_user())
+    except PromotionRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{name}: champion {r['from']} -> {r['to']} (rollback)")
+    return 0
+
+
+def current_user() -> str:
+    """Who is acting: the login name, recorded in promotion and rollback tags."""
     try:
         return getpass.getuser()
     except Exception:  # no login name in some containers

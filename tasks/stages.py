@@ -3,22 +3,33 @@
 Nothing here holds pipeline logic of its own; it calls the stage modules with plain values,
 forwards their logs to the Prefect run log, writes the artifacts a person reads in the UI, and
 retries only what is transient (MLflow calls), never the training launch.
+
+Orchestration extras, all here:
+- convert and tokenize are Prefect-cached on *content* (input bytes, settings, stage code), so a
+  re-run shows them as Cached in the UI; what they would have logged to MLflow is logged by the
+  `record-*` tasks, which always run;
+- `gpu_slot()` holds one slot of the `gpu` global concurrency limit around training: a second
+  run waits for the slot (it does not fail).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.tasks import exponential_backoff
 
 from ftflow.config import PipelineConfig, resolve_data_path
-from ftflow.utils import state_dir
+from ftflow.utils import PROJECT_ROOT, sha256_file, sha256_json, sha256_tree, state_dir
+
+GPU_LIMIT = "gpu"  # the global concurrency limit `make up` creates; FTFLOW_GPU_SLOTS sizes it
 
 TRANSIENT = (ConnectionError, TimeoutError, OSError)
 
@@ -81,12 +92,58 @@ def prepare_base_model(cfg: PipelineConfig) -> BaseModel_:
     return BaseModel_(path=path, fingerprint=fp, pad_token_id=pad, eos_token_id=tok.eos_token_id)
 
 
-@task(name="convert-data")
-def convert_data(cfg: PipelineConfig, out_dir: Path, parent_run_id: str) -> DataOut:
-    from tasks.convert import convert_dataset
-    from tasks.lineage import log_dict, set_tags
+def _code_hash(*modules: str) -> str:
+    return sha256_json([sha256_file(PROJECT_ROOT / "tasks" / f"{m}.py") for m in modules])
 
-    logger = get_run_logger()
+
+def _convert_cache_key(context, params: dict[str, Any]) -> str | None:
+    """Input bytes + data settings + converter code. None (no caching) for hub datasets, which can change."""
+    from tasks.convert import resolve_inputs
+
+    cfg: PipelineConfig = params["cfg"]
+    digests = []
+    for split in (cfg.data.train, cfg.data.eval):
+        for inp in resolve_inputs([resolve_data_path(cfg, p) for p in split]):
+            if inp.path is None:
+                return None
+            digests.append([inp.label, sha256_tree(inp.path) if inp.path.is_dir() else sha256_file(inp.path)])
+        digests.append("|")
+    settings = cfg.data.model_dump(mode="json", exclude={"train", "eval"})
+    return "convert-" + sha256_json([digests, settings, cfg.tokenize.objective, _code_hash("convert")])
+
+
+def _tokenize_cache_key(context, params: dict[str, Any]) -> str:
+    """Canonical data bytes + base model fingerprint + tokenize settings + tokenizer code."""
+    cfg: PipelineConfig = params["cfg"]
+    base: BaseModel_ = params["base"]
+    return "tokenize-" + sha256_json([
+        sha256_file(params["train_jsonl"]), base.fingerprint, cfg.tokenize.model_dump(mode="json"),
+        cfg.model.revision, cfg.model.trust_remote_code, _code_hash("tokenize", "templates"),
+    ])
+
+
+def _outputs_exist(result: Any) -> bool:
+    paths = [getattr(result, k) for k in ("train_path", "eval_path", "path") if hasattr(result, k)]
+    return all(Path(p).exists() for p in paths)
+
+
+def run_cached(stage, *args: Any) -> tuple[Any, bool]:
+    """Call a content-cached stage: (result, True) when Prefect served it from its cache.
+
+    A cached result whose files were deleted since (e.g. `make clean-state` of a run folder) is
+    recomputed, never returned."""
+    state = stage(*args, return_state=True)
+    result = state.result()
+    if state.name == "Cached" and not _outputs_exist(result):
+        state = stage.with_options(refresh_cache=True)(*args, return_state=True)
+        result = state.result()
+    return result, state.name == "Cached"
+
+
+@task(name="convert-data", cache_key_fn=_convert_cache_key, persist_result=True)
+def convert_data(cfg: PipelineConfig, out_dir: Path) -> DataOut:
+    from tasks.convert import convert_dataset
+
     d = cfg.data
     res = convert_dataset(
         [resolve_data_path(cfg, p) for p in d.train],
@@ -101,25 +158,33 @@ def convert_data(cfg: PipelineConfig, out_dir: Path, parent_run_id: str) -> Data
         max_reject_fraction=d.max_reject_fraction,
         objective=cfg.tokenize.objective,
     )
-    r = res.report
+    return DataOut(str(res.train_path), str(res.eval_path), str(res.rejects_path), res.report)
+
+
+@task(name="record-data", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+def record_data(cfg: PipelineConfig, data: DataOut, cached: bool, parent_run_id: str) -> None:
+    """The data report in MLflow (parent run) and as a Prefect artifact, cached or not."""
+    from tasks.lineage import log_dict, set_tags
+
+    logger = get_run_logger()
+    r = data.report
     logger.info(
-        "data: %d rows in -> %d train + %d eval, %d rejected, %d duplicates (rejects: %s)",
-        r["rows_in"], r["train_rows"], r["eval_rows"], r["rejected"], r["duplicates"], res.rejects_path,
+        "data%s: %d rows in -> %d train + %d eval, %d rejected, %d duplicates (rejects: %s)",
+        " (Prefect cache: same inputs as an earlier run)" if cached else "",
+        r["rows_in"], r["train_rows"], r["eval_rows"], r["rejected"], r["duplicates"], data.rejects_path,
     )
     log_dict(parent_run_id, r, "data/report.json")
-    set_tags(parent_run_id, {"ftflow.data_sha256": r["sha256"]["train"], "ftflow.eval_data_sha256": r["sha256"]["eval"]})
+    set_tags(parent_run_id, {"ftflow.data_sha256": r["sha256"]["train"], "ftflow.eval_data_sha256": r["sha256"]["eval"],
+                             "ftflow.data_dir": str(Path(data.train_path).parent)})
     rows = [{"count": k, "value": v} for k, v in r.items() if isinstance(v, (int, float))]
     rows += [{"count": f"rejected: {k}", "value": v} for k, v in r.get("by_reason", {}).items()]
     create_table_artifact(key="data-report", table=rows, description=f"Data conversion report ({cfg.name})")
-    return DataOut(str(res.train_path), str(res.eval_path), str(res.rejects_path), r)
 
 
-@task(name="tokenize")
-def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_, parent_run_id: str) -> TokensOut:
-    from tasks.lineage import length_histogram_png, log_dict, log_png, set_tags
+@task(name="tokenize", cache_key_fn=_tokenize_cache_key, persist_result=True)
+def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_) -> TokensOut:
     from tasks.tokenize import tokenize_dataset
 
-    logger = get_run_logger()
     t = cfg.tokenize
     res = tokenize_dataset(
         train_jsonl,
@@ -133,13 +198,27 @@ def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_, parent_run
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
     )
-    s = res.stats
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(res.path))
+    reference = [list(ds[i]["input_ids"][:64]) for i in range(min(2, len(ds)))]
+    return TokensOut(res.key, str(res.path), res.hit, res.stats, res.template_text, reference)
+
+
+@task(name="record-tokens", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+def record_tokens(tokens: TokensOut, cached: bool, parent_run_id: str) -> TokensOut:
+    """Token statistics in MLflow and as a Prefect artifact. A Prefect cache hit counts as a cache hit."""
+    from tasks.lineage import length_histogram_png, log_dict, log_png, set_tags
+
+    logger = get_run_logger()
+    tokens = replace(tokens, hit=tokens.hit or cached)
+    s = tokens.stats
     logger.info(
         "tokenize: cache %s (key %s) — %s samples, %s tokens, %s trained",
-        "HIT, no work done" if res.hit else "miss, built", res.key[:16], s.get("samples"), s.get("tokens"), s.get("trained_tokens"),
+        "HIT, no work done" if tokens.hit else "miss, built", tokens.key[:16], s.get("samples"), s.get("tokens"), s.get("trained_tokens"),
     )
     log_dict(parent_run_id, s, "data/tokenize_stats.json")
-    set_tags(parent_run_id, {"ftflow.tokenized_cache_key": res.key, "ftflow.tokenized_cache_hit": res.hit})
+    set_tags(parent_run_id, {"ftflow.tokenized_cache_key": tokens.key, "ftflow.tokenized_cache_hit": tokens.hit})
     hist = s.get("length_histogram")
     if hist:
         log_png(parent_run_id, length_histogram_png(hist), "data/length_histogram.png", state_dir() / "tmp" / parent_run_id)
@@ -148,13 +227,37 @@ def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_, parent_run
             key="tokenize-stats",
             table=[{"tokens": b, "samples": c} for b, c in zip(bins, hist["counts"])]
             + [{"tokens": k, "samples": s.get(k)} for k in ("samples", "tokens", "trained_tokens", "truncated", "dropped", "rejected_total")],
-            description=f"Tokenization ({'cache hit' if res.hit else 'built'}, key {res.key[:16]}): length histogram and counts",
+            description=f"Tokenization ({'cache hit' if tokens.hit else 'built'}, key {tokens.key[:16]}): length histogram and counts",
         )
-    from datasets import load_from_disk
+    return tokens
 
-    ds = load_from_disk(str(res.path))
-    reference = [list(ds[i]["input_ids"][:64]) for i in range(min(2, len(ds)))]
-    return TokensOut(res.key, str(res.path), res.hit, s, res.template_text, reference)
+
+@contextmanager
+def gpu_slot(cfg: PipelineConfig) -> Iterator[None]:
+    """Hold one slot of the `gpu` global concurrency limit; wait (never fail) while others hold them all.
+
+    The limit is created with FTFLOW_GPU_SLOTS slots (default 1) if the server has none yet, so
+    the wait also holds for runs on an ephemeral server or a stack started before this code."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    logger = get_run_logger()
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=int(os.environ.get("FTFLOW_GPU_SLOTS", 1)))
+                )
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+    logger.info("waiting for a '%s' concurrency slot (training of %s)", GPU_LIMIT, cfg.name)
+    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        logger.info("'%s' slot acquired", GPU_LIMIT)
+        yield
 
 
 @task(name="train", retries=0)

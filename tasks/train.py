@@ -121,7 +121,13 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         pass
 
 
-def launch(job_path: Path, train: TrainConfig, log_dir: Path, on_line: Callable[[str], None] | None = None) -> None:
+def launch(
+    job_path: Path,
+    train: TrainConfig,
+    log_dir: Path,
+    on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
+) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = torchrun_command(job_path, train, log_dir)
     env = dict(os.environ)
@@ -133,6 +139,8 @@ def launch(job_path: Path, train: TrainConfig, log_dir: Path, on_line: Callable[
         cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, errors="replace", start_new_session=True,
     )
+    if on_start:
+        on_start(proc)  # e.g. a test that kills one rank mid-run
     tail: deque[str] = deque(maxlen=400)
 
     def pump() -> None:
@@ -187,6 +195,7 @@ def run_training(
     mlflow_run_id: str | None = None,
     reference_inputs: list[list[int]] | None = None,
     on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or reuse a finished training) in `train_dir`. Returns the train summary."""
     final = train_dir / "final"
@@ -217,7 +226,7 @@ def run_training(
     train_dir.mkdir(parents=True, exist_ok=True)
     job_path = train_dir / "job.json"
     job_path.write_text(json.dumps(asdict(job), indent=2))
-    launch(job_path, train, train_dir / "logs" / time.strftime("%Y%m%d-%H%M%S"), on_line=on_line)
+    launch(job_path, train, train_dir / "logs" / time.strftime("%Y%m%d-%H%M%S"), on_line=on_line, on_start=on_start)
     if not is_complete_checkpoint(final):
         raise TrainingFailed(f"training exited cleanly but {final} has no {COMPLETE_MARKER}", None, 0, "")
     summary = json.loads((final / "train_summary.json").read_text())

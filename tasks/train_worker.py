@@ -249,6 +249,21 @@ def reference_logits(model: torch.nn.Module, inputs: list[list[int]]) -> torch.T
     return torch.cat(outs, dim=0)
 
 
+@torch.no_grad()
+def unquantised_reference_logits(job: Job, qmodel: torch.nn.Module, inputs: list[list[int]]) -> torch.Tensor:
+    """Q-LoRA: logits of the fp32 base from disk with this rank's trained adapter applied."""
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    adapter = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(qmodel).items()}
+    base = AutoModelForCausalLM.from_pretrained(
+        job.model_path, dtype=torch.float32, trust_remote_code=job.trust_remote_code, revision=job.revision
+    )
+    model = PeftModel(base, qmodel.peft_config["default"])
+    set_peft_model_state_dict(model, adapter)
+    return reference_logits(model, inputs)
+
+
 def main(job_path: str) -> int:
     logging.basicConfig(
         level=logging.INFO if rank() == 0 else logging.WARNING,
@@ -340,12 +355,23 @@ def main(job_path: str) -> int:
         trainer.model_wrapped.save_checkpoint(str(final), tag="final")
     elif rank() == 0:
         trainer.save_model(str(final))
+    if rank() == 0 and t["mode"] in ("lora", "qlora"):
+        # The adapter's config travels with the weights, naming the (un-quantised) base it adapts.
+        peft_cfg = trainer.model.peft_config["default"]
+        peft_cfg.base_model_name_or_path = job.model_path
+        peft_cfg.save_pretrained(str(final))
     barrier()
     if job.reference_inputs:
-        logits = reference_logits(trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model, job.reference_inputs)
-        if rank() == 0:
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
+        logits = reference_logits(trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model, job.reference_inputs)
+        if rank() == 0 and t["mode"] == "qlora":
+            # The export is the adapter for the UN-quantised base, so its reference is that base (fp32,
+            # from disk) with the adapter tensors as trained here; the 4-bit model's own logits are kept
+            # alongside to show the quantisation gap.
+            save_file({"logits": logits.contiguous()}, str(final / "reference_logits_quantized.safetensors"))
+            logits = unquantised_reference_logits(job, trainer.model, job.reference_inputs)
+        if rank() == 0:
             save_file({"logits": logits.contiguous()}, str(final / "reference_logits.safetensors"))
     if rank() == 0:
         summary = {

@@ -24,13 +24,21 @@ SMALL = [
     "--set", "train.logging_steps=10",
     "--set", "eval.max_samples=20",
     "--set", "registry.model_name=ftflow-it",
+    # one epoch moves char F1 but not yet exact match: promote on the metric that shows the gain
+    "--set", "promote.metric=char_f1",
 ]
+
+
+CANARY = "canary-7f3a9c-do-not-leak"
 
 
 def run_ftflow(home: Path, *extra: str) -> tuple[dict, str]:
     summary = home / f"summary-{len(list(home.glob('summary-*')))}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env["FTFLOW_HOME"] = str(home)
+    # Secrets that must never be written anywhere (checked in test_secrets_never_written).
+    env["HF_TOKEN"] = CANARY + "-hf"
+    env["MLFLOW_TRACKING_PASSWORD"] = CANARY + "-mlflow"
     proc = subprocess.run(
         [sys.executable, "-m", "ftflow.cli", "run", "configs/demo.yaml", *SMALL, *extra, "--summary-json", str(summary)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
@@ -43,7 +51,7 @@ def run_ftflow(home: Path, *extra: str) -> tuple[dict, str]:
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     home = tmp_path_factory.mktemp("pipeline-home")
-    first, log1 = run_ftflow(home)
+    first, log1 = run_ftflow(home, "--set", f"model.hub_token={CANARY}-config")
     second, log2 = run_ftflow(home, "--set", "train.seed=7")
     return home, first, log1, second, log2
 
@@ -93,3 +101,19 @@ def test_registry_state_after_two_runs(two_runs):
     assert "loss" in train_run.data.metrics and "trained_tokens_per_s" in train_run.data.metrics
     artifacts = [a.path for a in client.list_artifacts(train_run.info.run_id, "training")]
     assert "training/loss_curve.png" in artifacts
+
+
+def test_secrets_never_written(two_runs):
+    """Every byte ftflow wrote (MLflow DB + artifacts, Prefect DB with logs and artifacts, rank logs,
+    data, caches, exports, summaries) and everything it printed is free of the canaries."""
+    home, _, log1, _, log2 = two_runs
+    assert CANARY not in log1 and CANARY not in log2
+    hits = [str(p) for p in home.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    assert hits == []
+
+
+def test_export_is_complete_and_safetensors_only(two_runs):
+    _, first, _, _, _ = two_runs
+    files = {p.name for p in Path(first["model_dir"]).iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]

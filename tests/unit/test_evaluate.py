@@ -203,3 +203,28 @@ def test_eval_and_generate_cli(tiny_model_dir, demo_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert generate_cli(str(tiny_model_dir), "hello", 3, system="Be brief.") == 0
     assert "max_new_tokens=3" in capsys.readouterr().err  # random init: no end of turn
+
+
+def test_scored_inference_run(mlflow_sqlite, tiny_model_dir, demo_dir):
+    import mlflow
+
+    from infra.local import ensure_experiment
+    from tasks.evaluate import scored_inference_run
+
+    data = demo_dir / "reverse_eval.jsonl"
+    res = scored_inference_run(str(tiny_model_dir), data, gen={"max_new_tokens": 3}, batch_size=2, max_samples=3,
+                               experiment_id=ensure_experiment("t"), run_name="eval-x", tags={"who": "test"})
+    assert res["model_version"] is None and res["recorded"] is False  # a folder: nothing to tag
+    run = mlflow.MlflowClient().get_run(res["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["eval/n"] == 3 and "eval/bleu" in run.data.metrics
+    assert run.data.params["generation.max_new_tokens"] == "3" and run.data.params["max_samples"] == "3"
+    assert run.data.tags["ftflow.eval_data_sha256"] == res["data_sha256"] and run.data.tags["who"] == "test"
+    assert "ftflow.git_commit" in run.data.tags
+    assert [r["id"] for r in res["rows"]] == [r["id"] for r in read_eval_jsonl(data, 3)]
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        scored_inference_run(str(tiny_model_dir), demo_dir / "missing.jsonl", gen={}, batch_size=2, max_samples=1,
+                             experiment_id=ensure_experiment("t"), run_name="eval-y")
+    with pytest.raises(ValueError, match="max_new_token"):  # generation settings are validated before any run
+        scored_inference_run(str(tiny_model_dir), data, gen={"max_new_token": 3}, batch_size=2, max_samples=1,
+                             experiment_id=ensure_experiment("t"), run_name="eval-z")

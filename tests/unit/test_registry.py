@@ -229,3 +229,32 @@ def test_promotion_markdown():
     assert "## m version 3: promoted to **champion**" in md
     assert "| exact_match ⬅ | 0.7500 | 0.5000 | +0.2500 |" in md
     assert "| char_f1 | 0.9000 | 0.8000 | +0.1000 |" in md
+
+
+def test_promote_version_and_rollback_record_who_and_why(mlflow_sqlite):
+    import mlflow
+
+    from tasks.registry import PromotionRefused, promote_version, resolve_version, rollback_champion
+
+    _bare_versions("m", 2)
+    with pytest.raises(PromotionRefused, match="no scored inference run"):
+        promote_version("m", "1", force=False, why="", who="alice")
+    with pytest.raises(LookupError, match="no version '7'"):
+        promote_version("m", "7", force=True, why="", who="alice")
+    with pytest.raises(PromotionRefused, match="no champion"):
+        rollback_champion("m", why="", who="alice")
+    r = promote_version("m", "1", force=True, why="hotfix", who="alice")
+    assert (r["previous_champion"], r["forced"], r["scored_by"]) == (None, True, None)
+    record_eval("m", "2", run_id="r9", metrics={"exact_match": 0.5})
+    r = promote_version("m", "2", force=False, why="reviewed", who="bob")
+    assert (r["previous_champion"], r["forced"], r["scores"]) == ("1", False, {"exact_match": 0.5})
+    tags = mlflow.MlflowClient().get_model_version("m", "2").tags
+    assert (tags["ftflow.promotion.who"], tags["ftflow.promotion.why"]) == ("bob", "reviewed")
+    assert "scored by run r9" in tags["ftflow.promotion.reason"]
+    assert mlflow.MlflowClient().get_model_version("m", "1").tags["ftflow.promotion.forced"] == "true"
+    assert resolve_version("models:/m@champion") == ("m", "2") and resolve_version("/some/folder") is None
+
+    r = rollback_champion("m", why="regression", who="carol")
+    assert (r["from"], r["to"]) == ("2", "1") and current_champion("m") == "1"
+    tags = mlflow.MlflowClient().get_model_version("m", "1").tags
+    assert (tags["ftflow.rollback.restored_from"], tags["ftflow.rollback.restored_by"]) == ("2", "carol")

@@ -1,0 +1,89 @@
+"""Promotion and rollback by a person, as Prefect flows (and `ftflow promote` / `ftflow rollback`).
+
+    ftflow promote ftflow-demo 3 --why "passed manual review"
+    ftflow rollback ftflow-demo --why "bad replies in production"
+
+`promote` refuses a version without a scored inference run (the finetune flow or `ftflow eval`
+records one on the version) unless `force`. Both record who and why as model-version tags
+(`ftflow.promotion.*`, `ftflow.rollback.*`) and as a Prefect artifact.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from infra.local import configure_environment
+from tasks.registry import PromotionRefused, current_user, promote_version, rollback_champion
+
+# Registry writes are tags and an alias move: safe to repeat, so transient errors are retried
+# inside tasks.registry (call_with_retry); a refusal is final and never retried.
+promote_task = task(promote_version, name="promote-version", retries=0)
+rollback_task = task(rollback_champion, name="rollback-champion", retries=0)
+
+
+def _who(who: str | None) -> str:
+    return f"{who or current_user()} (prefect flow run {flow_run.get_id() or 'local'})"
+
+
+@flow(name="promote", log_prints=False)
+def promote(model_name: str, version: str, why: str, force: bool = False, who: str | None = None) -> dict[str, Any]:
+    """Point `@champion` of `model_name` at `version`. Refused for an unscored version unless `force`."""
+    r = promote_task(model_name, str(version), force=force, why=why, who=_who(who))
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in r["scores"].items() if k != "n") or "none recorded"
+    create_markdown_artifact(
+        key="manual-promotion",
+        markdown=(
+            f"## {model_name}: champion {r['previous_champion'] or 'none'} → {r['version']}\n\n"
+            f"| | |\n|---|---|\n| who | {r['who']} |\n| why | {why} |\n"
+            f"| scored by | {r['scored_by'] or '**unscored (forced)**'} |\n| scores | {scores} |\n"
+        ),
+        description="Manual promotion",
+    )
+    get_run_logger().info("%s: champion %s -> %s (%s)", model_name, r["previous_champion"], r["version"], why)
+    return r
+
+
+@flow(name="rollback", log_prints=False)
+def rollback(model_name: str, why: str, who: str | None = None) -> dict[str, Any]:
+    """Move `@champion` of `model_name` back to the version the current champion replaced."""
+    r = rollback_task(model_name, why=why, who=_who(who))
+    create_markdown_artifact(
+        key="rollback",
+        markdown=(f"## {model_name}: champion {r['from']} → {r['to']} (rollback)\n\n"
+                  f"| | |\n|---|---|\n| who | {r['who']} |\n| why | {why} |\n"),
+        description="Rollback",
+    )
+    get_run_logger().info("%s: champion %s -> %s (rollback: %s)", model_name, r["from"], r["to"], why)
+    return r
+
+
+def promote_cli(name: str, version: str, force: bool, why: str) -> int:
+    """`ftflow promote NAME VERSION`: 0 promoted, 1 refused, 2 no such version."""
+    configure_environment()
+    try:
+        r = promote(name, str(version), why=why, force=force)
+    except LookupError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    except PromotionRefused as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 1
+    sys.stdout.write(f"{name}: champion {r['previous_champion'] or 'none'} -> {r['version']}\n")
+    return 0
+
+
+def rollback_cli(name: str, why: str) -> int:
+    """`ftflow rollback NAME`: 0 rolled back, 1 refused."""
+    configure_environment()
+    try:
+        r = rollback(name, why=why)
+    except PromotionRefused as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 1
+    sys.stdout.write(f"{name}: champion {r['from']} -> {r['to']} (rollback)\n")
+    return 0
