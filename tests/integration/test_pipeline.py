@@ -84,8 +84,8 @@ def test_registry_state_after_two_runs(two_runs):
     import mlflow
 
     client = mlflow.MlflowClient(first["mlflow_tracking_uri"])
-    champion = client.get_model_version_by_alias("ftflow-it", "champion").version
-    challenger = client.get_model_version_by_alias("ftflow-it", "challenger").version
+    champion = str(client.get_model_version_by_alias("ftflow-it", "champion").version)
+    challenger = str(client.get_model_version_by_alias("ftflow-it", "challenger").version)
     assert challenger == "2"
     assert champion == ("2" if second["promoted"] else "1")
     run = client.get_run(first["mlflow_run_id"])
@@ -117,3 +117,22 @@ def test_export_is_complete_and_safetensors_only(two_runs):
     files = {p.name for p in Path(first["model_dir"]).iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+
+
+def test_demo_config_learns_the_task_and_stops(tmp_path):
+    """`configs/demo.yaml` exactly as `make demo` runs it: the promise of the README."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env["FTFLOW_HOME"] = str(tmp_path)
+    summary = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftflow.cli", "run", "configs/demo.yaml", "--summary-json", str(summary)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    s = json.loads(summary.read_text())
+    base, tuned = s["scores"]["champion"], s["scores"]["challenger"]
+    assert s["compared_with"] == "base model"
+    assert base["exact_match"] <= 0.1
+    assert tuned["exact_match"] >= 0.8, tuned
+    assert tuned["no_stop_rate"] == 0.0  # every reply ended at <|im_end|>, none ran to max_new_tokens
+    assert s["promoted"] is True
