@@ -104,6 +104,10 @@ class DataError(ValueError):
         self.report = report
 
 
+class OutputError(DataError):
+    """An output could not be written (disk full, permissions); names the file and what to do."""
+
+
 class InputError(DataError):
     """An input that cannot be read at all: missing, unsupported type, corrupt (CLI exit status 2)."""
 
@@ -692,18 +696,34 @@ class _Out:
 
     def write(self, lines: list[bytes]) -> None:
         data = b"".join(lines)
-        self.file.write(data)
+        try:
+            self.file.write(data)
+        except OSError as e:
+            raise self._error(e) from None
         self.sha.update(data)
         self.rows += len(lines)
 
     def commit(self) -> str:
-        self.file.close()
-        os.replace(self.tmp, self.final)
+        try:
+            self.file.close()
+            os.replace(self.tmp, self.final)
+        except OSError as e:
+            raise self._error(e) from None
         return self.sha.hexdigest()
 
     def discard(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushing a half-written buffer can fail again (disk full): the file goes anyway
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
+
+    def _error(self, e: OSError) -> "OutputError":
+        self.discard()
+        return OutputError(
+            f"could not write {self.final}: {e.strerror or e} (errno {e.errno}). Nothing was replaced: the "
+            f"partial file was removed. Free space on that disk or write elsewhere (FTFLOW_HOME, --out), then re-run."
+        )
 
 
 def _safe_json(value: Any) -> Any:
@@ -1058,7 +1078,7 @@ def convert_cli(
         else:
             rejects.discard()
         log.error("%s", e)
-        return 2 if isinstance(e, InputError) else 1
+        return 2 if isinstance(e, (InputError, OutputError)) else 1
     except BaseException:
         outs["train"].discard()
         rejects.discard()
