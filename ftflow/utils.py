@@ -52,16 +52,21 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `final` only if the block succeeds.
 
     An interrupted writer leaves a `.tmp-*` folder behind, never a folder at `final`, so a
-    partial output is never mistaken for a complete one.
+    partial output is never mistaken for a complete one. The folders written this way are keyed
+    by their content, so when two writers race, the first complete one wins and the other's copy
+    is dropped: a folder someone may be reading is never deleted or replaced.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another writer finished the same content first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
