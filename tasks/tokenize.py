@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import logging
 import math
 import re
@@ -436,6 +437,8 @@ def tokenize_dataset(
         log.info("tokenized data cache hit %s (%d samples)", final, stats.get("samples", 0))
         return TokenizeResult(key, final / "dataset", True, stats, rejects if rejects.exists() else None,
                               (final / "template.jinja").read_text(encoding="utf-8"))
+    if final.exists():  # not complete (written by hand or an old version): never used, rebuilt
+        shutil.rmtree(final)
 
     t0 = time.perf_counter()
     if tokenizer is None:
