@@ -28,7 +28,9 @@ def configure_environment() -> dict[str, str]:
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "GIT_PYTHON_REFRESH": "quiet",
         # ftflow's own loggers (stage logic, rank 0's output) go to the Prefect run log too.
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "ftflow",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "ftflow,tasks",
+        # The ephemeral server's 20 s default start-up limit is too short on a busy 2-core machine.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)

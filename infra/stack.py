@@ -239,6 +239,8 @@ def _base_env(s: StackSettings) -> dict[str, str]:
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "PYTHONUNBUFFERED": "1",
     })
+    # ftflow uses no MLflow server jobs; they would start ~8 job-runner processes.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return env
 
 
@@ -248,7 +250,7 @@ def _prefect_server_cmd(s: StackSettings) -> tuple[list[str], dict[str, str]]:
     home.mkdir(parents=True, exist_ok=True)
     env["PREFECT_HOME"] = str(home)
     env.pop("PREFECT_API_URL", None)
-    env["PREFECT_UI_API_URL"] = s.prefect_api_url
+    env.setdefault("PREFECT_UI_API_URL", s.prefect_api_url)  # the API address browsers use; set it when exposing
     env["PREFECT_SERVER_UI_ENABLED"] = "true"
     bin_ = Path(sys.executable).parent / "prefect"
     return [str(bin_), "server", "start", "--host", s.host, "--port", str(s.prefect_port), "--analytics-off"], env
@@ -335,14 +337,17 @@ COMMANDS = {"prefect-server": _prefect_server_cmd, "mlflow": _mlflow_cmd}
 
 def _ensure_pool_and_gpu_limit(s: StackSettings) -> None:
     """The process work pool and the `gpu` global concurrency limit (created, or resized to FTFLOW_GPU_SLOTS)."""
-    status, out = http("POST", f"{s.prefect_api_url}/work_pools/", {"name": s.work_pool, "type": "process"}, prefect_auth_header())
-    if status not in (200, 201, 409):
-        raise StackError(f"could not create work pool {s.work_pool!r}: {status} {out}")
-    status, out = http("POST", f"{s.prefect_api_url}/v2/concurrency_limits/", {"name": "gpu", "limit": s.gpu_slots}, prefect_auth_header())
-    if status == 409:
-        prefect_api("PATCH", "/v2/concurrency_limits/gpu", {"limit": s.gpu_slots}, s.prefect_api_url)
-    elif status >= 300:
-        raise StackError(f"could not create the gpu concurrency limit: {status} {out}")
+    api, auth = s.prefect_api_url, prefect_auth_header()
+    if http("GET", f"{api}/work_pools/{s.work_pool}", headers=auth)[0] == 404:
+        status, out = http("POST", f"{api}/work_pools/", {"name": s.work_pool, "type": "process"}, auth)
+        if status not in (200, 201, 409):
+            raise StackError(f"could not create work pool {s.work_pool!r}: {status} {out}")
+    if http("GET", f"{api}/v2/concurrency_limits/gpu", headers=auth)[0] == 404:
+        status, out = http("POST", f"{api}/v2/concurrency_limits/", {"name": "gpu", "limit": s.gpu_slots}, auth)
+        if status not in (200, 201, 409):
+            raise StackError(f"could not create the gpu concurrency limit: {status} {out}")
+    else:
+        prefect_api("PATCH", "/v2/concurrency_limits/gpu", {"limit": s.gpu_slots}, api)
 
 
 def _wait(name: str, s: StackSettings, pid: int, log_path: str) -> None:

@@ -255,7 +255,8 @@ def gpu_slot(cfg: PipelineConfig) -> Iterator[None]:
             except ObjectAlreadyExists:  # another run created it first
                 pass
     logger.info("waiting for a '%s' concurrency slot (training of %s)", GPU_LIMIT, cfg.name)
-    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+    # A lost lease (server briefly unreachable) must not stop an hours-long training: only warn.
+    with concurrency(GPU_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
         logger.info("'%s' slot acquired", GPU_LIMIT)
         yield
 
