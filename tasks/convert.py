@@ -1096,3 +1096,23 @@ def convert_cli(
     if result["rejected"]:
         log.info("rejected rows and reasons: %s", rejects_path)
     return 0
+
+
+def convert_from_config(cfg, out_dir: str | Path) -> ConvertResult:
+    """`convert_dataset` with the `data` section of a validated PipelineConfig (paths relative to the config)."""
+    from ftflow.config import resolve_data_path
+
+    d = cfg.data
+    return convert_dataset(
+        [resolve_data_path(cfg, p) for p in d.train],
+        [resolve_data_path(cfg, p) for p in d.eval],
+        out_dir,
+        fmt=d.format,
+        columns=d.columns,
+        system_prompt=d.system_prompt,
+        eval_fraction=d.eval_fraction,
+        split_seed=d.split_seed,
+        on_bad_row=d.on_bad_row,
+        max_reject_fraction=d.max_reject_fraction,
+        objective=cfg.tokenize.objective,
+    )

@@ -142,22 +142,9 @@ def run_cached(stage, *args: Any) -> tuple[Any, bool]:
 
 @task(name="convert-data", cache_key_fn=_convert_cache_key, persist_result=True)
 def convert_data(cfg: PipelineConfig, out_dir: Path) -> DataOut:
-    from tasks.convert import convert_dataset
+    from tasks.convert import convert_from_config
 
-    d = cfg.data
-    res = convert_dataset(
-        [resolve_data_path(cfg, p) for p in d.train],
-        [resolve_data_path(cfg, p) for p in d.eval],
-        out_dir,
-        fmt=d.format,
-        columns=d.columns,
-        system_prompt=d.system_prompt,
-        eval_fraction=d.eval_fraction,
-        split_seed=d.split_seed,
-        on_bad_row=d.on_bad_row,
-        max_reject_fraction=d.max_reject_fraction,
-        objective=cfg.tokenize.objective,
-    )
+    res = convert_from_config(cfg, out_dir)
     return DataOut(str(res.train_path), str(res.eval_path), str(res.rejects_path), res.report)
 
 
@@ -183,21 +170,9 @@ def record_data(cfg: PipelineConfig, data: DataOut, cached: bool, parent_run_id:
 
 @task(name="tokenize", cache_key_fn=_tokenize_cache_key, persist_result=True)
 def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_) -> TokensOut:
-    from tasks.tokenize import tokenize_dataset
+    from tasks.tokenize import tokenize_from_config
 
-    t = cfg.tokenize
-    res = tokenize_dataset(
-        train_jsonl,
-        base.path,
-        cache_root=state_dir() / "cache" / "tokenized",
-        template=t.template,
-        objective=t.objective,
-        train_on=t.train_on,
-        max_length=t.max_length,
-        length_policy=t.length_policy,
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
-    )
+    res = tokenize_from_config(cfg, train_jsonl, base.path)
     from datasets import load_from_disk
 
     ds = load_from_disk(str(res.path))
@@ -261,6 +236,11 @@ def gpu_slot(cfg: PipelineConfig) -> Iterator[None]:
         yield
 
 
+def _rank0_line(line: str) -> str:
+    """torchrun prefixes rank output with '[default0]:'; a progress bar without a newline can sit in front."""
+    return line.rsplit("[default0]:", 1)[-1].strip()
+
+
 @task(name="train", retries=0)
 def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """Launch the ranks. Never retried: a failure resumes from the last checkpoint on the next run."""
@@ -286,7 +266,7 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
             mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
             mlflow_run_id=child,
             reference_inputs=tokens.reference_inputs,
-            on_line=lambda line: rank0.info(line) if "ftflow.train" in line or "Error" in line else None,
+            on_line=lambda line: rank0.info(_rank0_line(line)) if "ftflow.train" in line or "Error" in line else None,
         )
     except Exception:
         end_run(child, "FAILED")

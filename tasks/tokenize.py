@@ -500,29 +500,11 @@ def tokenize_dataset(
 # CLI (`ftflow tokenize`, `ftflow show-sample`)
 
 
-def _tokenize_from_config(config_path: str, overrides: list[str]):
-    from ftflow.config import load_config, resolve_data_path
-    from tasks.base_model import resolve_model_path
-    from tasks.convert import convert_dataset
-
-    cfg = load_config(config_path, overrides)
-    d, t = cfg.data, cfg.tokenize
-    converted = convert_dataset(
-        [resolve_data_path(cfg, p) for p in d.train],
-        [resolve_data_path(cfg, p) for p in d.eval],
-        state_dir() / "data" / cfg.name,
-        fmt=d.format,
-        columns=d.columns,
-        system_prompt=d.system_prompt,
-        eval_fraction=d.eval_fraction,
-        split_seed=d.split_seed,
-        on_bad_row=d.on_bad_row,
-        max_reject_fraction=d.max_reject_fraction,
-        objective=t.objective,
-    )
-    model_path = resolve_model_path(cfg.model.name_or_path)
-    result = tokenize_dataset(
-        converted.train_path,
+def tokenize_from_config(cfg, jsonl_path: str | Path, model_path: str) -> TokenizeResult:
+    """`tokenize_dataset` with the `tokenize` and `model` sections of a validated PipelineConfig."""
+    t = cfg.tokenize
+    return tokenize_dataset(
+        jsonl_path,
         model_path,
         cache_root=state_dir() / "cache" / "tokenized",
         template=t.template,
@@ -533,7 +515,17 @@ def _tokenize_from_config(config_path: str, overrides: list[str]):
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
     )
-    return cfg, model_path, result
+
+
+def _tokenize_from_config(config_path: str, overrides: list[str]):
+    from ftflow.config import load_config
+    from tasks.base_model import resolve_model_path
+    from tasks.convert import convert_from_config
+
+    cfg = load_config(config_path, overrides)
+    converted = convert_from_config(cfg, state_dir() / "data" / cfg.name)
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    return cfg, model_path, tokenize_from_config(cfg, converted.train_path, model_path)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
