@@ -99,5 +99,6 @@ def eval_cli(model: str, data: str, max_samples: int | None, batch_size: int | N
         sys.stdout.write(f"{k:<{width}}  {int(v):>10d}\n" if k == "n" else f"{k:<{width}}  {v:>10.4f}\n")
     if res.get("recorded"):
         name, version = res["model_version"]
-        sys.stdout.write(f"recorded on {name} version {version}: `ftflow promote {name} {version}` may now move @champion\n")
+        sys.stdout.write(f"recorded on {name} version {version}: "
+                         f"`ftflow promote {name} {version}` may now move @champion\n")
     return 0

@@ -107,9 +107,12 @@ def cmd_show_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tasks.evaluate import eval_cli
+    from flows.evaluate import eval_cli
 
-    return eval_cli(args.model, args.data, args.max_samples, args.batch_size, args.max_new_tokens)
+    gen = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
+                                         "no_repeat_ngram_size") if getattr(args, k) is not None}
+    return eval_cli(args.model, args.data, args.max_samples, args.batch_size, args.max_new_tokens,
+                    generation=gen, experiment=args.experiment, record=not args.no_record)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -119,13 +122,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from tasks.registry import promote_cli
+    from flows.promote import promote_cli
 
     return promote_cli(args.name, args.version, args.force, args.why)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from tasks.registry import rollback_cli
+    from flows.promote import rollback_cli
 
     return rollback_cli(args.name, args.why)
 
@@ -167,12 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", type=int, default=0)
     s.set_defaults(func=cmd_show_sample)
 
-    e = sub.add_parser("eval", help="scored inference run of a model on a canonical JSONL file")
+    e = sub.add_parser("eval", help="scored inference run (Prefect flow 'evaluate') of a model on a canonical JSONL file")
     e.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a model folder")
     e.add_argument("--data", required=True, help="canonical JSONL (last turn = reference reply)")
     e.add_argument("--max-samples", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    e.add_argument("--temperature", type=float, default=None)
+    e.add_argument("--top-p", type=float, default=None)
+    e.add_argument("--top-k", type=int, default=None)
+    e.add_argument("--repetition-penalty", type=float, default=None)
+    e.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    e.add_argument("--experiment", default="ftflow", help="MLflow experiment of the scored run")
+    e.add_argument("--no-record", action="store_true",
+                   help="do not tag a registered version with these scores (it stays unpromotable by them)")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="chat with a model: prints the reply as it is generated")
@@ -182,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None)
     g.set_defaults(func=cmd_generate)
 
-    pr = sub.add_parser("promote", help="point alias @champion at a version (refuses unscored versions unless --force)")
+    pr = sub.add_parser("promote", help="point alias @champion at a version (Prefect flow 'promote'; refuses unscored versions unless --force)")
     pr.add_argument("name")
     pr.add_argument("version")
     pr.add_argument("--force", action="store_true")
     pr.add_argument("--why", default="manual promotion")
     pr.set_defaults(func=cmd_promote)
 
-    rb = sub.add_parser("rollback", help="move @champion back to the previous champion")
+    rb = sub.add_parser("rollback", help="move @champion back to the previous champion (Prefect flow 'rollback')")
     rb.add_argument("name")
     rb.add_argument("--why", default="manual rollback")
     rb.set_defaults(func=cmd_rollback)

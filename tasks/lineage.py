@@ -120,7 +120,8 @@ def start_parent_run(experiment_id: str, run_name: str, config: dict[str, Any], 
         **{f"ftflow.version.{k}": v for k, v in library_versions().items()},
         **tags,
     }
-    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    # tag values can carry URLs (the Prefect UI link): same text rules as params
+    run = client.create_run(experiment_id, run_name=run_name, tags={k: redact(str(v)) for k, v in all_tags.items()})
     params = [Param(k, str(v)[:6000]) for k, v in flatten(redact(config)).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
@@ -159,7 +160,7 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
 
     client = MlflowClient()
     for k, v in tags.items():
-        client.set_tag(run_id, k, str(v))
+        client.set_tag(run_id, k, redact(str(v)))
 
 
 def loss_plot_png(log_history: list[dict[str, Any]]) -> bytes:

@@ -120,7 +120,7 @@ def _find_by_fingerprint(client, model_name: str, fingerprint: str):
 
 def _artifacts_complete(client, mv) -> bool:
     """A LoggedModel is READY only after all its artifacts were uploaded (FAILED if logging raised)."""
-    model_id = getattr(mv, "model_id", None)
+    model_id = logged_model_id(mv)
     if not model_id:
         return True  # registered from a run path (pre-MLflow-3 style): nothing more to check
     try:
@@ -129,6 +129,16 @@ def _artifacts_complete(client, mv) -> bool:
         log.warning("version %s of %s: logged model %s unreadable (%s)", mv.version, mv.name, model_id, err)
         return False
     return str(status).upper().endswith("READY")
+
+
+def logged_model_id(mv) -> str | None:
+    """The LoggedModel id behind a version (`m-...`); the REST store leaves `model_id` empty, the source holds it."""
+    model_id = getattr(mv, "model_id", None)
+    if model_id:
+        return model_id
+    source = str(getattr(mv, "source", "") or "")
+    rest = source[len("models:/"):] if source.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None
 
 
 def _quote(s: str) -> str:

@@ -104,6 +104,7 @@ def runs(server, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", url)
         mp.setenv("FTFLOW_HOME", str(home / "client"))
+        (home / "client" / "prefect").mkdir(parents=True)
         mp.setenv("PREFECT_HOME", str(home / "client" / "prefect"))  # the in-process flows' ephemeral API
         for k, v in SLOW_MACHINE.items():
             mp.setenv(k, v)
@@ -175,7 +176,8 @@ def test_lineage_on_runs_and_version(runs):
     assert mv.tags["ftflow.tokenized_cache_key"] == tags["ftflow.tokenized_cache_key"]
     assert mv.tags["ftflow.eval.run_id"] in {c.info.run_id for c in children.values()} | {
         c.info.run_id for c in client.search_runs([run.info.experiment_id], "tags.mlflow.runName = 'eval-challenger'")}
-    assert float(mv.tags["ftflow.eval.metric.exact_match"]) == pytest.approx(first["scores"]["challenger"]["exact_match"], abs=1e-4)
+    scored = float(mv.tags["ftflow.eval.metric.exact_match"])
+    assert scored == pytest.approx(first["scores"]["challenger"]["exact_match"], abs=1e-4)
     assert mv.tags["ftflow.promotion.promote"] == "true" and mv.tags["ftflow.promotion.reason"]
 
 
@@ -192,32 +194,39 @@ def test_champion_serves_by_alias(runs):
     assert proc.stdout.strip(), proc.stderr[-2000:]
 
 
-def test_evaluate_flow_records_scores_on_the_version(runs):
-    from flows.evaluate import evaluate
+def test_evaluate_flow_records_scores_on_the_version(runs, capsys):
+    from flows.evaluate import eval_cli
 
     client = runs["client"]
-    res = evaluate(f"models:/{NAME}@champion", str(REPO / "data/demo/reverse_eval.jsonl"),
-                   batch_size=8, max_samples=4, experiment="ftflow-eval")
-    assert res["model_version"] == [NAME, "1"] or res["model_version"] == (NAME, "1")
-    run = client.get_run(res["run_id"])
-    assert run.info.status == "FINISHED"
-    assert {"eval/exact_match", "eval/char_f1", "eval/rouge_l", "eval/bleu", "eval/perplexity",
+    # what `ftflow eval --model models:/NAME@champion --data FILE --max-samples 4` runs
+    assert eval_cli(f"models:/{NAME}@champion", str(REPO / "data/demo/reverse_eval.jsonl"), 4, 8, 12,
+                    generation={"repetition_penalty": 1.1}, experiment="ftflow-eval") == 0
+    out = capsys.readouterr().out
+    assert "exact_match" in out and f"recorded on {NAME} version 1" in out
+    (run,) = client.search_runs([client.get_experiment_by_name("ftflow-eval").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id in out
+    assert {"eval/exact_match", "eval/char_f1", "eval/rouge_l", "eval/bleu", "eval/loss", "eval/perplexity",
             "eval/no_stop_rate"} <= set(run.data.metrics)
+    assert run.data.metrics["eval/n"] == 4
     assert run.data.params["model"] == f"models:/{NAME}@champion" and run.data.tags["ftflow.model_version"] == "1"
-    assert "eval/eval_table.json" in {a.path for a in client.list_artifacts(res["run_id"], "eval")}
-    assert client.get_model_version(NAME, "1").tags["ftflow.eval.run_id"] == res["run_id"]
+    assert run.data.params["generation.repetition_penalty"] == "1.1"
+    assert run.data.tags["ftflow.prefect_flow_run_id"] not in ("", "local")
+    assert "eval/eval_table.json" in {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert client.get_model_version(NAME, "1").tags["ftflow.eval.run_id"] == run.info.run_id
 
 
 def test_guarded_promotion_and_rollback(runs):
     from flows.promote import promote, rollback
     from tasks.registry import (
-        PromotionRefused, apply_promotion, current_champion, decide_promotion, record_eval, version_eval_metrics,
+        PromotionRefused, apply_promotion, current_champion, decide_promotion, logged_model_id, record_eval,
+        version_eval_metrics,
     )
 
     client = runs["client"]
     v1 = client.get_model_version(NAME, "1")
     # two more versions of the same logged model: enough for alias and tag logic
-    v2, v3 = (client.create_model_version(NAME, v1.source, run_id=v1.run_id).version for _ in range(2))
+    v2, v3 = (client.create_model_version(NAME, v1.source, run_id=v1.run_id, model_id=logged_model_id(v1)).version
+              for _ in range(2))
     rule = {"metric": "exact_match", "min_improvement": 0.0, "no_regress": ["char_f1"]}
     champion = version_eval_metrics(NAME, "1")
     assert current_champion(NAME) == "1"

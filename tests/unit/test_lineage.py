@@ -73,7 +73,8 @@ def test_parent_run_params_are_redacted_and_tagged(mlflow_sqlite, monkeypatch):
     sets = ["data.system_prompt=use hf_canary0123456789 please", "model.hub_token=hf_configCANARY987654"]
     model = load_config(str(REPO / "configs/demo.yaml"), sets)
     cfg = model.model_dump(mode="json")
-    rid = start_parent_run(ensure_experiment("t"), "p", cfg, tags={"ftflow.base_model": "embedded:tiny-qwen2"})
+    tags = {"ftflow.base_model": "embedded:tiny-qwen2", "ftflow.prefect_ui": "https://u:hf_canary0123456789@prefect/runs/1"}
+    rid = start_parent_run(ensure_experiment("t"), "p", cfg, tags=tags)
     run = mlflow.MlflowClient().get_run(rid)
     params, tags = run.data.params, run.data.tags
     assert set(params) == set(flatten(cfg))  # the whole resolved config
@@ -82,6 +83,7 @@ def test_parent_run_params_are_redacted_and_tagged(mlflow_sqlite, monkeypatch):
     assert params["model.hub_token"] == REDACTED
     assert redact(model.model_dump())["model"]["hub_token"] == REDACTED  # also when not dumped as JSON
     assert not any("canary" in v.lower() for v in [*params.values(), *tags.values()])
+    assert tags["ftflow.prefect_ui"] == f"https://u:{REDACTED}@prefect/runs/1"
     assert tags["ftflow.git_commit"] == git_commit() and tags["ftflow.base_model"] == "embedded:tiny-qwen2"
     for lib in ("torch", "transformers", "peft", "deepspeed", "prefect", "mlflow"):
         assert tags[f"ftflow.version.{lib}"] == library_versions()[lib]

@@ -331,12 +331,10 @@ def test_leftover_temp_or_incomplete_folder_is_not_a_hit(tmp_path, tiny_model_di
 
 @pytest.fixture()
 def cli_config(tmp_path, monkeypatch):
-    jsonl = write_jsonl(tmp_path / "canonical.jsonl", ROWS)
-    fake = ModuleType("tasks.convert")
-    fake.convert_dataset = lambda train_inputs, eval_inputs, out_dir, **kw: SimpleNamespace(train_path=jsonl)
-    monkeypatch.setitem(sys.modules, "tasks.convert", fake)  # the data stage is tested on its own
+    write_jsonl(tmp_path / "canonical.jsonl", ROWS)  # canonical rows are valid `messages` input
+    monkeypatch.setenv("FTFLOW_HOME", str(tmp_path / "home"))
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("name: tok-test\ndata:\n  train: [canonical.jsonl]\n")
+    cfg.write_text("name: tok-test\ndata:\n  train: [canonical.jsonl]\n  eval_fraction: 0.0\n")
     return cfg
 
 
