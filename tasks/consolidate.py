@@ -1,10 +1,15 @@
 """Turn the final training state into one Hugging Face model folder.
 
 - ZeRO-2/3: DeepSpeed's own `zero_to_fp32` gathers the fp32 master weights from every rank's
-  shard files (no hand-written `maybe_zero_3` gathering) and writes safetensors shards.
-- No DeepSpeed: the Trainer already saved a Hugging Face folder; its weights are taken as they are.
+  shard files (no hand-written `maybe_zero_3` gathering). It runs in lazy mode: the rank files are
+  memory-mapped and each parameter is gathered only when its safetensors shard is written, so peak
+  memory is one output shard beyond the mapped files, not a second full copy of the model.
+- No DeepSpeed: the Trainer already saved a Hugging Face (or PEFT adapter) folder; taken as it is.
 - LoRA / Q-LoRA: the trained adapter is written as a PEFT adapter folder (every tensor at its full
-  shape) for the un-quantised base, and, when `merge=True`, merged into the base as a full model.
+  shape, `adapter_config.json` naming the base by path) for the un-quantised base.
+  merge=False: the adapter folder IS the export root; `AutoModelForCausalLM.from_pretrained(export)`
+  loads base + adapter through transformers' peft integration (the base path must still exist).
+  merge=True: the merged full model (`merge_and_unload`, fp32) at the root, the adapter in `adapter/`.
 
 The folder also carries the tokenizer with the chat template used in training and a generation
 config whose eos ids include the end-of-turn token and whose pad id is the pad token. It is built
@@ -235,6 +240,9 @@ def verify_export(out_dir: str | Path, final_dir: str | Path, reference_inputs: 
     ref_file = Path(final_dir) / "reference_logits.safetensors"
     out_dir = Path(out_dir)
     weights = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    if (out_dir / "adapter_config.json").is_file():  # an adapter export loads its base too
+        base = Path(json.loads((out_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+        weights += sum(f.stat().st_size for f in base.glob("*.safetensors")) if base.is_dir() else max_bytes + 1
     if not reference_inputs or not ref_file.is_file() or weights == 0 or weights > max_bytes:
         return None
     from safetensors.torch import load_file

@@ -31,7 +31,7 @@ from tasks.train_worker import COMPLETE_MARKER, Job, is_complete_checkpoint, lat
 
 log = logging.getLogger("ftflow.train")
 
-TRAIN_CODE_VERSION = "1"
+TRAIN_CODE_VERSION = "2"  # 2: LoRA finals carry adapter_config.json, Q-LoRA reference = un-quantised base
 
 
 class TrainingFailed(RuntimeError):

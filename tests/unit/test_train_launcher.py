@@ -87,3 +87,54 @@ def test_kill_group_ends_children(tmp_path):
                             start_new_session=True)
     kill_group(proc, grace_s=5)
     assert proc.poll() is not None
+
+
+def _job(model_dir, **train) -> "Job":
+    from tasks.train_worker import Job
+
+    return Job(model_path=str(model_dir), dataset_path="", output_dir="", pad_token_id=0,
+               train=TrainConfig(**train).model_dump())
+
+
+def test_lora_options_take_effect(tiny_model_dir):
+    """DoRA, modules_to_save, r/alpha and the all-linear default reach the peft model the ranks train."""
+    from peft.utils import ModulesToSaveWrapper
+
+    from tasks.train_worker import count_parameters, load_model
+
+    model = load_model(_job(tiny_model_dir, mode="lora", lora={"r": 2, "alpha": 4, "use_dora": True,
+                                                                "modules_to_save": ["lm_head"]}), None)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in names)  # DoRA
+    assert any(isinstance(m, ModulesToSaveWrapper) for m in model.modules())
+    adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    cfg = model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha) == (2, 4)
+    trainable, total = count_parameters(model)
+    assert 0 < trainable < total
+
+
+def test_precision_sets_the_weights_dtype(tiny_model_dir):
+    import torch
+
+    from tasks.train_worker import load_model
+
+    model = load_model(_job(tiny_model_dir, mode="full", precision="bf16"), None)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.use_cache is False
+
+
+def test_qlora_loads_nf4_double_quant_base_with_trainable_adapter(tiny_model_dir):
+    import bitsandbytes as bnb
+    import torch
+
+    from tasks.train_worker import load_model
+
+    model = load_model(_job(tiny_model_dir, mode="qlora", deepspeed=None, nproc_per_node=1,
+                            quant={"compute_dtype": "float32"}, gradient_checkpointing=True), None)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_type == "nf4" and m.weight.quant_state.nested for m in layers)
+    assert all(m.compute_dtype == torch.float32 for m in layers)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert model.is_gradient_checkpointing  # prepare_model_for_kbit_training enables it
