@@ -10,6 +10,7 @@ after a crash resumes from the latest complete checkpoint, and a finished traini
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -197,7 +199,51 @@ def run_training(
     on_line: Callable[[str], None] | None = None,
     on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume, or reuse a finished training) in `train_dir`. Returns the train summary."""
+    """Train (or resume, or reuse a finished training) in `train_dir`. Returns the train summary.
+
+    The folder is keyed by content, so two runs of the same config meet here: a lock makes the
+    second wait until the first has finished, after which it finds `final/` complete and reuses it.
+    """
+    with _exclusive(train_dir.parent / f".{train_dir.name}.lock"):
+        return _run_training_locked(
+            train=train, train_dir=train_dir, model_path=model_path, dataset_path=dataset_path,
+            pad_token_id=pad_token_id, trust_remote_code=trust_remote_code, revision=revision,
+            mlflow_tracking_uri=mlflow_tracking_uri, mlflow_run_id=mlflow_run_id,
+            reference_inputs=reference_inputs, on_line=on_line, on_start=on_start,
+        )
+
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    """An advisory lock (flock) held for the block; released by the OS if the holder dies."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another run is training the same thing (%s); waiting for it to finish", lock_path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_training_locked(
+    *,
+    train: TrainConfig,
+    train_dir: Path,
+    model_path: str,
+    dataset_path: str,
+    pad_token_id: int,
+    trust_remote_code: bool,
+    revision: str | None,
+    mlflow_tracking_uri: str | None,
+    mlflow_run_id: str | None,
+    reference_inputs: list[list[int]] | None,
+    on_line: Callable[[str], None] | None,
+    on_start: Callable[[subprocess.Popen], None] | None,
+) -> dict[str, Any]:
     final = train_dir / "final"
     if is_complete_checkpoint(final):
         log.info("training in %s already complete: reusing it", train_dir)

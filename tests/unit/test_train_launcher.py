@@ -138,3 +138,29 @@ def test_qlora_loads_nf4_double_quant_base_with_trainable_adapter(tiny_model_dir
     assert all(m.compute_dtype == torch.float32 for m in layers)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     assert model.is_gradient_checkpointing  # prepare_model_for_kbit_training enables it
+
+
+def test_same_training_folder_is_never_used_by_two_runs_at_once(tmp_path):
+    """Two processes entering run_training's lock for the same folder run one after the other."""
+    import textwrap
+    import time as _time
+
+    script = tmp_path / "hold.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from tasks.train import _exclusive
+        with _exclusive(Path({str(tmp_path)!r}) / ".train-x.lock"):
+            print("in", time.monotonic(), flush=True)
+            time.sleep(2)
+            print("out", time.monotonic(), flush=True)
+    """))
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    spans = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        t = dict(line.split() for line in out.splitlines())
+        spans.append((float(t["in"]), float(t["out"])))
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0  # never inside at the same time
