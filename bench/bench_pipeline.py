@@ -74,6 +74,8 @@ def run_once(overrides: list[str], home: Path) -> dict:
         cmd += ["--set", o]
     env = {**os.environ, "FTFLOW_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)  # ephemeral local Prefect: its database is ours to read
+    # Prefect's default 20 s to start its ephemeral server is too short on a loaded 2-core machine.
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

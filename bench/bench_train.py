@@ -4,6 +4,7 @@
     python -m bench.bench_train                   # 120 samples, 3 repeats, every method
     python -m bench.bench_train --quick           # 24 samples, 1 repeat, 4 methods
     python -m bench.bench_train --methods ftflow_padded,ftflow_packed_varlen --repeats 5
+    python -m bench.bench_train --gpu             # Qwen2.5-0.5B shape, bf16, packed, MFU (skipped without CUDA)
 
 Workload (issue #8): generated SFT conversations whose token lengths are log-normal (median ~150,
 clipped to 1,000), ~20% multi-turn, max_length 1024; a 4-layer, 256-wide Qwen2 (4 heads, 2 KV
@@ -47,6 +48,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
+GPU_RESULTS = Path(__file__).resolve().parent / "results" / "train_gpu.json"
 MAX_LEN = 1024
 BATCH = 8
 LR = 5e-4
@@ -306,8 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {ALL_METHODS}")
     ap.add_argument("--quick", action="store_true",
                     help=f"{QUICK_SAMPLES} samples, 1 repeat, methods {','.join(QUICK_METHODS)} (a smoke run, not a measurement)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--gpu", action="store_true", help="only the GPU benchmark (skipped cleanly without CUDA)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"default {RESULTS} (train_quick.json with --quick, {GPU_RESULTS.name} with --gpu)")
     args = ap.parse_args(argv)
+    if args.gpu:
+        return gpu_main(args.out or GPU_RESULTS)
+    args.out = args.out or (RESULTS.with_name("train_quick.json") if args.quick else RESULTS)
     if args.quick:
         args.samples, args.repeats, args.methods = QUICK_SAMPLES, 1, ",".join(QUICK_METHODS)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -319,23 +326,39 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     import torch
-    import transformers
-    import trl
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # The parent never starts torch's OpenMP pool: a child forked after a parallel op would hang in
+    # its first parallel region. Each child sets its own thread count.
+    torch.set_num_threads(1)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ftflow-bench-train-") as tmp:
         prep = prepare(args.samples, Path(tmp))
         import trl.trainer.sft_trainer  # noqa: F401  (imported before the fork, not timed in every child)
 
         runs: dict[str, list[dict]] = {m: [] for m in methods}
-        for _ in range(args.repeats):
+        extras = {"varlen_attention_max_abs_logit_diff": None, "collator_us_per_batch": None}
+        for k in range(args.repeats):
             for m in methods:
                 runs[m].append(in_fork(m, prep, args.threads))
-        varlen_err = in_fork_value(check_varlen_exact, prep)
-        collate_us = collator_cost(prep)
+            # written after every repeat, so a run cut short still leaves its figures
+            write(args.out, summarize(args, prep, runs, extras, t_start, repeats_done=k + 1))
+        extras["varlen_attention_max_abs_logit_diff"] = in_fork_value(check_varlen_exact, prep)
+        extras["collator_us_per_batch"] = collator_cost(prep)
+        result = summarize(args, prep, runs, extras, t_start, repeats_done=args.repeats)
+
+    write(args.out, result)
+    print(format_table(result))  # the benchmark's report is its output
+    return 0
+
+
+def summarize(args, prep: dict, runs: dict[str, list[dict]], extras: dict, t_start: float, repeats_done: int) -> dict:
+    """Medians over the repeats done so far, ratios and goals."""
+    import torch
+    import transformers
+    import trl
 
     results = {}
     for m, rs in runs.items():
@@ -365,17 +388,19 @@ def main(argv: list[str] | None = None) -> int:
             "ftflow >= 3x seed": bool(ratios["ftflow_best_vs_seed"] and ratios["ftflow_best_vs_seed"] >= 3),
             "ftflow >= 1.2x TRL best": bool(ratios["ftflow_best_vs_trl_best"] and ratios["ftflow_best_vs_trl_best"] >= 1.2),
         },
-        "varlen_attention_max_abs_logit_diff": varlen_err,
-        "collator_us_per_batch": collate_us,
+        **extras,
+        "repeats_done": repeats_done,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "load_average": os.getloadavg(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))  # the benchmark's report is its output
-    return 0
+    return result
+
+
+def write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def in_fork_value(fn, prep):
@@ -402,7 +427,7 @@ def format_table(r: dict) -> str:
     d = r["data"]
     lines = [f"{d['samples']} samples (median {d['median_len']}, p95 {d['p95_len']}, max {d['max_len']} tokens; "
              f"{100 * d['multi_turn_share']:.0f}% multi-turn), {d['trained_tokens']:,} trained tokens an epoch; "
-             f"{r['threads']} threads, median of {r['repeats']}; load average {r['load_average'][0]:.1f}", "",
+             f"{r['threads']} threads, median of {r.get('repeats_done', r['repeats'])} of {r['repeats']} repeats; load average {r['load_average'][0]:.1f}", "",
              f"{'method':<22}{'trained tok/s':>14}{'total tok/s':>12}{'padding':>9}{'peak RSS MB':>12}"
              f"{'train loss':>11}{'held-out':>10}{'steps':>6}"]
     for m, x in r["methods"].items():
@@ -415,6 +440,124 @@ def format_table(r: dict) -> str:
               f"varlen attention vs one-by-one sdpa: max |logit diff| {r['varlen_attention_max_abs_logit_diff']}",
               f"collator cost, us per batch of {r['batch_samples']}: {r['collator_us_per_batch']}"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: a Qwen2.5-0.5B-shaped model, bf16, packed, MFU
+
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def matmul_peak_tflops(dtype, n: int = 8192, iters: int = 20) -> float:
+    """Measured dense bf16 matmul rate: the ceiling MFU is also reported against."""
+    import torch
+
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
+
+
+def gpu_packed(steps: int = 30, tokens_per_step: int = 32768, max_len: int = 2048) -> dict:
+    """Qwen2.5-0.5B shape (config only, random init), bf16 weights, AdamW, packed rows via `PackedCollator`.
+
+    MFU = tokens/s x (6 N_matmul + attention) / peak, where N_matmul counts every matmul weight
+    (the tied lm_head once, embeddings' lookup excluded) and attention adds, per packed step,
+    6 x layers x (heads x head_dim) x sum(len_i^2) FLOPs (QK^T and AV, forward + backward, causal half).
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tasks.collate import PackedCollator, register_packed_attention
+
+    try:
+        import flash_attn  # noqa: F401
+
+        attn = "flash_attention_2"
+    except ImportError:
+        attn = register_packed_attention()  # exact per-sample causal sdpa (flash kernel per slice)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**QWEN25_05B)
+    cfg._attn_implementation = attn
+    model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_matmul = n_total - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)  # lm_head counts, lookup not
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+
+    rng = random.Random(0)
+    collator = PackedCollator()
+
+    def batch():
+        feats, total = [], 0
+        while total < tokens_per_step:
+            n = min(max_len, max(32, int(rng.lognormvariate(math.log(300), 0.9))), tokens_per_step - total)
+            if n < 32:
+                break
+            ids = [rng.randrange(10, cfg.vocab_size) for _ in range(n)]
+            cut = n // 3  # the prompt third is not trained
+            feats.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+            total += n
+        b = collator(feats)
+        return {k: v.cuda(non_blocking=True) for k, v in b.items()}, sum(len(f["input_ids"]) ** 2 for f in feats)
+
+    batches = [batch() for _ in range(steps)]
+    torch.cuda.reset_peak_memory_stats()
+    warm = 5
+    for i, (b, _) in enumerate(batches):
+        if i == warm:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    timed = batches[warm:]
+    tokens = sum(b["input_ids"].numel() for b, _ in timed)
+    trained = sum(int((b["labels"] != -100).sum()) for b, _ in timed)
+    flops = 6 * n_matmul * tokens + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * sum(s for _, s in timed)
+    measured = matmul_peak_tflops(torch.bfloat16)
+    name = torch.cuda.get_device_name()
+    spec = 989.4 if "H100" in name else (989.4 if "H200" in name else None)  # dense bf16, SXM, TFLOP/s
+    achieved = flops / seconds / 1e12
+    return {
+        "device": name, "attn_implementation": attn, "params": n_total, "params_matmul": n_matmul,
+        "max_length": max_len, "tokens_per_step": tokens_per_step, "timed_steps": len(timed),
+        "tokens_per_s": round(tokens / seconds), "trained_tokens_per_s": round(trained / seconds),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "achieved_tflops": round(achieved, 1), "measured_matmul_tflops": round(measured, 1),
+        "spec_bf16_tflops": spec,
+        "mfu_vs_spec": round(achieved / spec, 3) if spec else None,
+        "mfu_vs_measured_matmul": round(achieved / measured, 3),
+        "formula": "MFU = tokens/s x (6 N_matmul + 6 L d sum(len^2)/tokens) / peak",
+    }
+
+
+def gpu_main(out: Path) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        result = {"skipped": "no CUDA device: the GPU benchmark (Qwen2.5-0.5B shape, bf16, packed, MFU) runs only on a GPU"}
+        print(f"GPU benchmark skipped: {result['skipped']}")
+    else:
+        result = gpu_packed()
+        result["goals_met"] = {"MFU >= 40%": bool(result["mfu_vs_spec"] and result["mfu_vs_spec"] >= 0.40)}
+        print(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
