@@ -255,7 +255,7 @@ def _child(conn, method, prep, threads):
 def in_fork(method: str, prep: dict, threads: int) -> dict:
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(child, method, prep, threads))
+    p = ctx.Process(target=_child, args=(child, method, prep, threads), daemon=True)
     p.start()
     child.close()
     out = parent.recv()
@@ -415,7 +415,7 @@ def in_fork_value(fn, prep):
             conn.send(f"{type(err).__name__}: {err}")
         conn.close()
 
-    p = ctx.Process(target=target, args=(child,))
+    p = ctx.Process(target=target, args=(child,), daemon=True)
     p.start()
     child.close()
     out = parent.recv()
