@@ -93,7 +93,7 @@ def test_registry_state_after_two_runs(two_runs):
     for key in ("ftflow.data_sha256", "ftflow.tokenized_cache_key", "ftflow.git_commit", "ftflow.prefect_flow_run_id",
                 "ftflow.version.torch", "ftflow.version.deepspeed"):
         assert tags.get(key), key
-    assert run.data.params["train.learning_rate"] == "0.003"
+    assert run.data.params["train.learning_rate"] == "0.002"  # configs/demo.yaml
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['mlflow_run_id']}'")
     names = {c.info.run_name for c in children}
     assert {"train", "eval-challenger", "eval-champion"} <= names
