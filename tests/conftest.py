@@ -46,3 +46,23 @@ def mlflow_sqlite(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("FTFLOW_HOME", str(tmp_path / "home"))
     return uri
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_globals():
+    """MLflow keeps the tracking URI and the active run in process globals that outlive a test's
+    monkeypatched environment; reset them after every test so no test talks to another's server."""
+    yield
+    import sys
+
+    if "mlflow" not in sys.modules:
+        return
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    while mlflow.active_run() is not None:
+        try:
+            mlflow.end_run()
+        except Exception:
+            break
+    tracking_utils._tracking_uri = None

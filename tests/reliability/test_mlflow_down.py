@@ -22,7 +22,6 @@ def test_server_down_during_registration_then_rerun_completes(tmp_path, monkeypa
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # MLflow's own HTTP retries: keep the test short
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
-        mlflow.set_tracking_uri(server.uri)
         client = mlflow.MlflowClient(server.uri)
         exp = client.create_experiment("down")
         run_id = client.create_run(exp).info.run_id
