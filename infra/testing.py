@@ -149,12 +149,29 @@ def deployed_stack() -> StackUnderTest:
     return s
 
 
+def _deploy(s: StackUnderTest, attempts: int = 3) -> None:
+    """Deploy and list the deployments. Idempotent, so retried: on a brand-new venv the first
+    server start does one-off work (Prefect builds its UI bundle) and an early call can fail."""
+    errors = []
+    for attempt in range(attempts):
+        proc = subprocess.run([sys.executable, "-m", "infra.deploy"], cwd=PROJECT_ROOT,
+                              env={**s.env, "PREFECT_API_URL": s.prefect_api_url}, capture_output=True, text=True, timeout=300)
+        try:
+            if proc.returncode != 0:
+                raise AssertionError(f"`infra.deploy` failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            s.deployments = {d["flow_name"] + "/" + d["name"]: d["id"] for d in _deployments(s)}
+            if "finetune/nightly" not in s.deployments:
+                raise AssertionError(f"deployment finetune/nightly missing after deploy: {sorted(s.deployments)}")
+            return
+        except AssertionError as err:
+            errors.append(str(err))
+            sys.stderr.write(f"deploy attempt {attempt + 1} failed (retrying): {err}\n")
+            time.sleep(10)
+    raise AssertionError("deploy failed %d times:\n%s" % (attempts, "\n---\n".join(errors)))
+
+
 def _run_scenario(s: StackUnderTest) -> None:
-    proc = subprocess.run([sys.executable, "-m", "infra.deploy"], cwd=PROJECT_ROOT,
-                          env={**s.env, "PREFECT_API_URL": s.prefect_api_url}, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"`infra.deploy` failed:\n{proc.stdout}\n{proc.stderr}")
-    s.deployments = {d["flow_name"] + "/" + d["name"]: d["id"] for d in _deployments(s)}
+    _deploy(s)
     a = trigger(s, "finetune/nightly", {"config": small_config(1)}, "stack-test-a")
     b = trigger(s, "finetune/nightly", {"config": small_config(2)}, "stack-test-b")
     done = wait_final(s, [a["id"], b["id"]])
