@@ -54,8 +54,13 @@ class StackUnderTest:
     def mlflow_url(self) -> str:
         return f"http://127.0.0.1:{self.mlflow_port}"
 
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        status, out = http(method, self.prefect_api_url + path, body, _auth(self.env))
+    def api(self, method: str, path: str, body: Any = None, attempts: int = 6) -> Any:
+        # Like Prefect's own client: 429/502/503/504 are transient (a busy SQLite store answers 503).
+        for attempt in range(attempts):
+            status, out = http(method, self.prefect_api_url + path, body, _auth(self.env))
+            if status not in (429, 502, 503, 504) or attempt == attempts - 1:
+                break
+            time.sleep(2 * (attempt + 1))
         if status >= 300:
             raise AssertionError(f"Prefect API {method} {path} -> {status}: {str(out)[:800]}")
         return out
