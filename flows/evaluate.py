@@ -85,13 +85,13 @@ def eval_cli(model: str, data: str, max_samples: int | None, batch_size: int | N
         gen = GenerationConfigModel.model_validate(
             {**(generation or {}), **({"max_new_tokens": int(max_new_tokens)} if max_new_tokens else {})})
     except ValidationError as err:
-        print(f"error: generation settings: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: generation settings: {err}" + "\n")
         return 2
     try:
         res = evaluate(model, data, generation=gen, batch_size=int(batch_size or 32), max_samples=max_samples,
                        experiment=experiment, record=record)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}" + "\n")
         return 2
     width = max(len(k) for k in res["metrics"])
     sys.stdout.write(f"{model} on {data} (MLflow run {res['run_id']} at {os.environ.get('MLFLOW_TRACKING_URI')})\n")

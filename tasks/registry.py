@@ -450,10 +450,10 @@ def promote_cli(name: str, version: str, force: bool, why: str, who: str | None 
     try:
         r = promote_version(name, str(version), force=force, why=why, who=who or current_user())
     except LookupError as err:
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}" + "\n")
         return 2
     except PromotionRefused as err:
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}" + "\n")
         return 1
     print(f"{name}: champion {r['previous_champion'] or 'none'} -> {r['version']}")
     return 0
@@ -464,7 +464,7 @@ def rollback_cli(name: str, why: str, who: str | None = None) -> int:
     try:
         r = rollback_champion(name, why=why, who=who or current_user())
     except PromotionRefused as err:
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}" + "\n")
         return 1
     print(f"{name}: champion {r['from']} -> {r['to']} (rollback)")
     return 0
