@@ -495,10 +495,10 @@ def eval_cli(model: str, data: str, max_samples: int | None, batch_size: int | N
     try:
         result = evaluate_model(model, data, gen=gen, batch_size=int(batch_size or 32), max_samples=max_samples)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}" + "\n")
         return 2
-    print(f"{model} on {data}")
-    print(_metrics_table(result.metrics))
+    sys.stdout.write(f"{model} on {data}" + "\n")
+    sys.stdout.write(_metrics_table(result.metrics) + "\n")
     return 0
 
 
@@ -519,5 +519,5 @@ def generate_cli(model: str, prompt: str, max_new_tokens: int, system: str | Non
         out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                          **_generate_kwargs({"max_new_tokens": max_new_tokens}, stop_ids, _pad_id(tokenizer, stop_ids)))
     if not set(out[0, ids.shape[1]:].tolist()) & set(stop_ids):
-        print(f"[stopped at max_new_tokens={max_new_tokens}]", file=sys.stderr)
+        sys.stderr.write(f"[stopped at max_new_tokens={max_new_tokens}]" + "\n")
     return 0

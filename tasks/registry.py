@@ -455,7 +455,7 @@ def promote_cli(name: str, version: str, force: bool, why: str, who: str | None 
     except PromotionRefused as err:
         sys.stderr.write(f"error: {err}" + "\n")
         return 1
-    print(f"{name}: champion {r['previous_champion'] or 'none'} -> {r['version']}")
+    sys.stdout.write(f"{name}: champion {r['previous_champion'] or 'none'} -> {r['version']}" + "\n")
     return 0
 
 
@@ -466,7 +466,7 @@ def rollback_cli(name: str, why: str, who: str | None = None) -> int:
     except PromotionRefused as err:
         sys.stderr.write(f"error: {err}" + "\n")
         return 1
-    print(f"{name}: champion {r['from']} -> {r['to']} (rollback)")
+    sys.stdout.write(f"{name}: champion {r['from']} -> {r['to']} (rollback)" + "\n")
     return 0
 
 
