@@ -253,7 +253,8 @@ def test_second_run_is_a_hit_that_does_no_work(tmp_path, tiny_model_dir, monkeyp
         raise AssertionError("a cache hit must not load the tokenizer or tokenize")
 
     monkeypatch.setattr(tk, "load_tokenizer", boom)
-    monkeypatch.setattr(tk._Builder, "add", boom)
+    monkeypatch.setattr(tk._Builder, "prepare", boom)
+    monkeypatch.setattr(tk._Builder, "encode", boom)
     second = tokenize_dataset(tmp_path / "in.jsonl", str(tiny_model_dir), cache_root=tmp_path / "cache")
     assert second.hit and second.key == first.key and second.path == first.path
     assert second.stats["samples"] == first.stats["samples"] and second.template_text == first.template_text

@@ -59,16 +59,17 @@ def test_any_row_is_a_valid_sample_or_a_clear_rejection(tok, row, template, obje
         assert policy == "raise" and "tokenize.max_length" in str(err)
         event("raised: too long")
         return
-    assert len(b.ids) + len(b.rejects) == 1
+    samples = b.samples()
+    assert len(samples) + len(b.rejects) == 1
     if b.rejects:
         r = b.rejects[0]
         event(f"rejected: {r['reason']}")
         assert r["reason"] in REASONS and r["detail"] and r["line"] == 1
         return
 
-    ids, labels = b.ids[0], b.labels[0]
+    ids, labels = samples[0]["input_ids"], samples[0]["labels"]
     event(f"sample ({objective}, {template}{', truncated' if b.truncated else ''})")
-    assert len(ids) == len(labels) == b.lengths[0] <= max_length
+    assert len(ids) == len(labels) == b.lengths[0] == samples[0]["length"] <= max_length
     assert labels[0] == -100 and any(lab != -100 for lab in labels)
     assert all(lab in (-100, t) for t, lab in zip(ids, labels))
 
@@ -111,4 +112,42 @@ def test_special_token_text_in_content_is_rejected(tok, prompt, reply, special, 
     row = {"id": "x", "messages": [{"role": "user", "content": texts[0]}, {"role": "assistant", "content": texts[1]}]}
     b = _Builder(tok, BUILTIN_TEMPLATES["chatml"], "sft", "all_assistant", 512, "drop", Path("in.jsonl"))
     b.add([(1, row)])
-    assert not b.ids and [r["reason"] for r in b.rejects] == ["special_token_in_content"]
+    assert not b.samples() and [r["reason"] for r in b.rejects] == ["special_token_in_content"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("template", ["chatml", "llama2"])
+@given(rows=st.lists(conversation, min_size=1, max_size=8), objective=st.sampled_from(["sft", "pretrain"]))
+def test_byte_length_offsets_equal_the_tokenizers_offsets(tok, template, rows, objective):
+    # The fast path (offsets from token byte lengths, `encode_batch_fast`) against the tokenizer's
+    # own offsets (`encode_batch`) on the same chunk: identical samples, labels and rejects.
+    def build(fast: bool) -> _Builder:
+        b = _Builder(tok, BUILTIN_TEMPLATES[template], objective, "all_assistant", 4096, "drop", Path("in.jsonl"))
+        if not fast:
+            b.byte_lengths = None
+        b.add(list(enumerate(rows, 1)))
+        return b
+
+    fast, slow = build(True), build(False)
+    assert fast.byte_lengths is not None
+    assert fast.samples() == slow.samples()
+    assert fast.rejects == slow.rejects and fast.trained == slow.trained
+    rendered = []
+    for r in rows:
+        try:
+            rendered.append(fast._prepare(r)[0])
+        except Exception:  # rejected rows (counted above, alike in both)
+            continue
+    if any(not unicodedata.is_normalized("NFC", t) for t in rendered):
+        event("a non-NFC text took the offsets fallback")
+        assert fast.offset_fallbacks > 0
+
+
+def test_byte_length_table_is_refused_for_non_byte_level_tokenizers():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tasks.tokenize import _token_byte_lengths
+
+    wordlevel = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert _token_byte_lengths(wordlevel) is None
