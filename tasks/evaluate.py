@@ -48,14 +48,17 @@ def load_for_inference(model_ref: str, trust_remote_code: bool = False):
     """(model, tokenizer, local HF folder) for `models:/NAME@ALIAS`, `models:/NAME/VERSION`, a folder or hub id.
 
     Registry models are downloaded once into the state folder's cache and reassembled into one
-    Hugging Face folder (weights + tokenizer). fp32 on CPU; bf16 on CUDA (fp16 where bf16 is missing).
+    Hugging Face folder (weights or PEFT adapter, + tokenizer). An adapter (a registered LoRA version
+    or an adapter folder) is applied to the base its adapter_config.json names (`load_causal_lm`).
+    fp32 on CPU; bf16 on CUDA (fp16 where bf16 is missing).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if model_ref.startswith("models:/"):
         local_dir = str(_download_registered(model_ref))
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        if not _is_adapter_dir(Path(local_dir)):  # an adapter's base may still come from the hub
+            os.environ["HF_HUB_OFFLINE"] = "1"
     else:
         from tasks.base_model import resolve_model_path
 
@@ -66,9 +69,39 @@ def load_for_inference(model_ref: str, trust_remote_code: bool = False):
     else:
         device, dtype = "cpu", torch.float32
     tokenizer = AutoTokenizer.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(local_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(local_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     return model, tokenizer, local_dir
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def load_causal_lm(path: str, *, dtype, trust_remote_code: bool = False):
+    """A causal LM from a model folder or hub id, or base + adapter from a PEFT adapter folder.
+
+    The adapter's base is its adapter_config.json `base_model_name_or_path` (and `revision`):
+    `embedded:NAME` is built here, a hub id is fetched (or read from the cache), a folder is used as
+    it is. The adapter is applied unmerged, so the model computes exactly base + adapter.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not _is_adapter_dir(Path(path)):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    from peft import PeftConfig, PeftModel
+
+    from tasks.base_model import resolve_model_path
+
+    cfg = PeftConfig.from_pretrained(path)
+    if not cfg.base_model_name_or_path:
+        raise ValueError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
+    base_path = resolve_model_path(cfg.base_model_name_or_path)
+    revision = None if Path(base_path).is_dir() else cfg.revision  # a revision means a hub commit
+    log.info("adapter %s on base %s%s", path, cfg.base_model_name_or_path, f"@{revision}" if revision else "")
+    base = AutoModelForCausalLM.from_pretrained(base_path, revision=revision, dtype=dtype,
+                                                trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, path)
 
 
 def _download_registered(model_uri: str) -> Path:
@@ -100,7 +133,7 @@ def _download_registered(model_uri: str) -> Path:
             call_with_retry(mlflow.artifacts.download_artifacts,
                             artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
             _assemble_hf_dir(tmp, model_uri)
-    return cache / _flavor_conf(cache, model_uri).get("model_binary", "model")
+    return cache / _hf_subdir(_flavor_conf(cache, model_uri))
 
 
 def _flavor_conf(root: Path, model_uri: str) -> dict:
@@ -116,13 +149,18 @@ def _flavor_conf(root: Path, model_uri: str) -> dict:
     return flavors["transformers"]
 
 
+def _hf_subdir(conf: dict) -> str:
+    """The artifact folder holding the weights: `peft` for an adapter version, `model` otherwise."""
+    return conf.get("peft_adaptor") or conf.get("model_binary", "model")
+
+
 def _assemble_hf_dir(root: Path, model_uri: str) -> None:
-    """MLflow stores weights in `model/` and the tokenizer in `components/tokenizer/`: merge them."""
+    """MLflow stores weights in `model/` (or the adapter in `peft/`), the tokenizer in `components/tokenizer/`: merge them."""
     conf = _flavor_conf(root, model_uri)
-    hf = root / conf.get("model_binary", "model")
-    if not (hf / "config.json").exists():
-        raise ValueError(f"{model_uri}: no model weights in the artifacts (saved with save_pretrained=False "
-                         "or as a PEFT adapter); register the merged model folder instead")
+    hf = root / _hf_subdir(conf)
+    if not (hf / "config.json").exists() and not (hf / "adapter_config.json").exists():
+        raise ValueError(f"{model_uri}: neither model weights nor a PEFT adapter in the artifacts (saved with "
+                         "save_pretrained=False?); register the export folder with `tasks.registry.register_model`")
     for comp in conf.get("components", []):
         src = root / "components" / comp
         for f in src.iterdir() if src.is_dir() else []:

@@ -9,15 +9,31 @@ Everything a decision was based on is written as version tags, so the registry i
 log (`ftflow.promotion.*`, `ftflow.rollback.*`, `ftflow.eval.*`). Rollback follows the
 `ftflow.promotion.previous_champion` tag that every promotion leaves on the version it promoted.
 
+What a version holds depends on the export (tag `ftflow.export`, also in the logged model's metadata):
+- `full`: the fine-tuned model (weights, tokenizer, chat template);
+- `adapter` (LoRA / Q-LoRA, merge=False): only the PEFT adapter and the tokenizer. The base is
+  referenced, not copied: `ftflow.base_model` (a hub id, `embedded:NAME` or a local folder) and
+  `ftflow.base_model_revision` (the hub commit) are tags and metadata, and the adapter's
+  `adapter_config.json` names the same base and revision, so `PeftModel.from_pretrained` works on any
+  machine that can get the base. MLflow's transformers flavor records where the base lies on this
+  machine (`local_base_model_path`), so `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` serves it
+  here; elsewhere, `mlflow.transformers.load_model(uri, base_model_path=LOCAL_COPY)` or
+  `ftflow eval/generate --model models:/NAME@ALIAS` (which resolves the base by its id) load it;
+- `merged` (merge=True): the merged full model, loadable like `full`; the adapter it came from is
+  logged in the registering run under `adapter/` (tag `ftflow.adapter_uri`).
+
 All calls use the tracking URI in the environment (`infra.local.configure_environment()`).
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,6 +53,12 @@ TAG_EVAL_METRIC = "ftflow.eval.metric."  # + metric name
 TAG_PROMO = "ftflow.promotion."
 TAG_PREVIOUS = TAG_PROMO + "previous_champion"
 TAG_ROLLBACK = "ftflow.rollback."
+TAG_EXPORT = "ftflow.export"  # full | adapter | merged
+TAG_BASE = "ftflow.base_model"
+TAG_BASE_REVISION = "ftflow.base_model_revision"
+TAG_ADAPTER_URI = "ftflow.adapter_uri"  # merged versions: the adapter logged beside them
+ADAPTER_ARTIFACT = "adapter"  # run artifact folder of a merged version's adapter
+NO_REVISION = "none"  # tag value when the base has no hub revision (local folders, embedded models)
 
 # An input example small enough that the pyfunc validation at log time stays quick.
 CHAT_INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8}
@@ -189,6 +211,61 @@ class _InRun:
         return False
 
 
+@dataclass
+class BaseModelRef:
+    """Where an adapter's base model comes from.
+
+    `name` is portable (a hub id, `embedded:NAME`, or an absolute local folder); `revision` is the hub
+    commit of the copy used here (None for local folders and embedded models); `local_dir` holds the
+    base's files on this machine (None when a hub model is not in the local cache).
+    """
+
+    name: str
+    revision: str | None
+    local_dir: str | None
+
+
+def base_model_ref(name_or_path: str, revision: str | None = None) -> BaseModelRef:
+    """Resolve `model.name_or_path` / `model.revision` to a portable reference plus a local copy.
+
+    A hub id is looked up in the local Hugging Face cache only (training put it there); its revision
+    becomes the commit of that snapshot, so a pinned branch name is recorded as the exact commit.
+    """
+    from tasks.base_model import EMBEDDED_PREFIX, resolve_model_path
+
+    local = resolve_model_path(name_or_path)
+    if Path(local).is_dir():
+        name = name_or_path if name_or_path.startswith(EMBEDDED_PREFIX) else local
+        return BaseModelRef(name, None, local)
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(name_or_path, revision=revision, local_files_only=True)
+    except Exception as err:  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        log.warning("base model %s (revision %s) is not in the local Hugging Face cache: %s",
+                    name_or_path, revision or "default", err)
+        return BaseModelRef(name_or_path, revision, None)
+    return BaseModelRef(name_or_path, Path(snapshot).name, snapshot)
+
+
+def export_kind(model_dir: Path) -> str:
+    """`full`, `merged` (full model + `adapter/`) or `adapter` (a PEFT adapter folder) — see the module doc."""
+    if (model_dir / "config.json").is_file():
+        return "merged" if (model_dir / "adapter" / "adapter_config.json").is_file() else "full"
+    if (model_dir / "adapter_config.json").is_file():
+        return "adapter"
+    raise FileNotFoundError(f"{model_dir} is neither a Hugging Face model folder (config.json) nor a PEFT "
+                            "adapter folder (adapter_config.json); pass the folder the consolidate stage wrote")
+
+
+def _adapter_base(adapter_dir: Path) -> tuple[str, str | None]:
+    """(base_model_name_or_path, revision) that an adapter's own adapter_config.json names."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if not cfg.get("base_model_name_or_path"):
+        raise ValueError(f"{adapter_dir / 'adapter_config.json'} names no base model; pass base_model=")
+    return cfg["base_model_name_or_path"], cfg.get("revision")
+
+
 def register_model(
     model_dir: str | Path,
     *,
@@ -196,8 +273,15 @@ def register_model(
     run_id: str,
     fingerprint: str,
     tags: dict[str, str],
+    base_model: str | None = None,
+    base_model_revision: str | None = None,
 ) -> RegisteredVersion:
-    """Log the HF model folder `model_dir` into run `run_id` and register it as a version of `model_name`.
+    """Log the export folder `model_dir` into run `run_id` and register it as a version of `model_name`.
+
+    `model_dir` is a full model, a merged LoRA export (full model + `adapter/`) or a PEFT adapter
+    folder (`export_kind`); what is logged for each is in the module doc. `base_model` /
+    `base_model_revision` are the config's `model.name_or_path` / `model.revision`: the base that
+    an adapter version references (default: the base its adapter_config.json names).
 
     Idempotent on `fingerprint` (a content hash of the model): a version already tagged with it is
     returned (`existed=True`) and nothing is logged again. Either way, alias `challenger` ends up on
@@ -208,9 +292,7 @@ def register_model(
 
     client = _client()
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json); "
-                                "pass the consolidated model folder the training stage wrote")
+    kind = export_kind(model_dir)
 
     existing = _find_by_fingerprint(client, model_name, fingerprint)
     if existing is not None:
@@ -223,25 +305,52 @@ def register_model(
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # The folder-path form of log_model breaks on transformers 5 (MLflow 3.17 reads pipeline
-    # classes that are now lazy strings), so the model is loaded and logged as components.
-    # dtype="auto" keeps the dtype the folder was saved in.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if base_model is None and kind != "full":
+        base_model, base_model_revision = _adapter_base(model_dir if kind == "adapter" else model_dir / "adapter")
+    base = base_model_ref(base_model, base_model_revision) if base_model else None
+    ref_tags = {TAG_EXPORT: kind}
+    if base is not None:
+        ref_tags.update({TAG_BASE: base.name, TAG_BASE_REVISION: base.revision or NO_REVISION})
+
     # An explicit card stops MLflow from asking the Hugging Face Hub for one.
     card = ModelCard(f"---\nlibrary_name: transformers\n---\n# {model_name}\n\nFine-tuned by ftflow (run {run_id}).\n")
+    requirements = pip_requirements()
+    if kind == "adapter":
+        if base.local_dir is None:
+            raise FileNotFoundError(f"base model {base.name} of adapter {model_dir} is not on this machine; "
+                                    "download it (or run the training here) before registering the adapter")
+        from peft import PeftModel, __version__ as peft_version
+
+        # Only the adapter is stored; MLflow records the base's local folder (base_model_path) for
+        # pyfunc, and the adapter config names the portable base id and revision.
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.local_dir, dtype="auto"), model_dir)
+        adapter_cfg = model.peft_config[model.active_adapter]
+        adapter_cfg.base_model_name_or_path, adapter_cfg.revision = base.name, base.revision
+        extra = {"base_model_path": base.local_dir}
+        requirements.append(f"peft=={peft_version}")
+    else:
+        # The folder-path form of log_model breaks on transformers 5 (MLflow 3.17 reads pipeline
+        # classes that are now lazy strings), so the model is loaded and logged as components.
+        # dtype="auto" keeps the dtype the folder was saved in.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+        extra = {}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with _InRun(run_id):
+        if kind == "merged":  # logged before the version exists: a failure here leaves no version behind
+            ref_tags[TAG_ADAPTER_URI] = _log_adapter_artifact(model_dir / "adapter", tokenizer, base, run_id)
         info = mlflow.transformers.log_model(
             {"model": model, "tokenizer": tokenizer},
             name="model",
             task="llm/v1/chat",  # pyfunc takes OpenAI-style chat input and applies the chat template
             input_example=CHAT_INPUT_EXAMPLE,
-            pip_requirements=pip_requirements(),
+            pip_requirements=requirements,
             model_card=card,
+            metadata=ref_tags,
+            **extra,
         )
     del model
 
-    version_tags = {**{k: str(v) for k, v in tags.items()}, TAG_FINGERPRINT: fingerprint, TAG_RUN_ID: run_id}
+    version_tags = {**{k: str(v) for k, v in tags.items()}, **ref_tags, TAG_FINGERPRINT: fingerprint, TAG_RUN_ID: run_id}
     # Not retried: creating a version is not idempotent. The tags travel with the creation, so a
     # re-run after a lost reply finds this version by its fingerprint instead of creating another.
     mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
@@ -249,8 +358,23 @@ def register_model(
         raise RuntimeError(f"model {model_name} version {mv.version} is {mv.status}, not READY; "
                            "alias 'challenger' left unchanged")
     call_with_retry(client.set_registered_model_alias, model_name, CHALLENGER, mv.version)
-    log.info("registered %s version %s (alias %s)", model_name, mv.version, CHALLENGER)
+    log.info("registered %s version %s (%s export, alias %s)", model_name, mv.version, kind, CHALLENGER)
     return RegisteredVersion(model_name, str(mv.version), run_id, False, f"models:/{model_name}/{mv.version}")
+
+
+def _log_adapter_artifact(adapter_dir: Path, tokenizer, base: BaseModelRef | None, run_id: str) -> str:
+    """Log a merged export's adapter (+ tokenizer) as run artifacts, its config naming the portable base."""
+    with tempfile.TemporaryDirectory(prefix="ftflow-adapter-") as tmp:
+        out = Path(tmp) / ADAPTER_ARTIFACT
+        shutil.copytree(adapter_dir, out)
+        tokenizer.save_pretrained(out)
+        if base is not None:
+            cfg_path = out / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg.update(base_model_name_or_path=base.name, revision=base.revision)
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        call_with_retry(_client().log_artifacts, run_id, str(out), ADAPTER_ARTIFACT)
+    return f"runs:/{run_id}/{ADAPTER_ARTIFACT}"
 
 
 def record_eval(model_name: str, version: str, run_id: str, metrics: dict[str, float]) -> None:

@@ -316,7 +316,8 @@ def register(cfg: PipelineConfig, model_dir: str, fingerprint: str, parent_run_i
     from tasks.registry import register_model
 
     logger = get_run_logger()
-    rv = register_model(model_dir, model_name=cfg.registry.model_name, run_id=parent_run_id, fingerprint=fingerprint, tags=tags)
+    rv = register_model(model_dir, model_name=cfg.registry.model_name, run_id=parent_run_id, fingerprint=fingerprint,
+                        tags=tags, base_model=cfg.model.name_or_path, base_model_revision=cfg.model.revision)
     logger.info(
         "%s %s version %s (alias challenger)",
         "already registered:" if rv.existed else "registered", rv.name, rv.version,

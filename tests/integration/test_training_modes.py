@@ -87,7 +87,7 @@ def test_full_finetuning_two_ranks_reloads_exactly(zero, setup, tmp_path):
         assert torch.equal(exported[k], eager[k]), k
 
 
-def test_lora_zero3_two_ranks_exports_complete_adapter_and_merged_model(setup, tmp_path):
+def test_lora_zero3_two_ranks_exports_complete_adapter_and_merged_model(setup, tmp_path, mlflow_sqlite):
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, LoraConfig
 
     model_dir, _, _, refs = setup
@@ -118,6 +118,18 @@ def test_lora_zero3_two_ranks_exports_complete_adapter_and_merged_model(setup, t
     assert (plain / "adapter_config.json").is_file() and (plain / "tokenizer_config.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
     torch.testing.assert_close(logits(loaded, refs), ref, rtol=0, atol=ATOL)
+
+    # registered as an adapter version of the embedded base, then loaded by alias: still the trained model
+    import mlflow
+
+    from infra.local import ensure_experiment
+    from tasks.evaluate import load_for_inference
+    from tasks.registry import register_model
+
+    run_id = mlflow.MlflowClient().create_run(ensure_experiment("t")).info.run_id
+    register_model(plain, model_name="lora", run_id=run_id, fingerprint="f", tags={}, base_model="embedded:tiny-qwen2")
+    served, _, _ = load_for_inference("models:/lora@challenger")
+    torch.testing.assert_close(logits(served, refs), ref, rtol=0, atol=ATOL)
 
 
 def test_qlora_one_rank_exports_adapter_for_the_unquantised_base(setup, tmp_path):
