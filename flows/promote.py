@@ -18,7 +18,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from infra.local import configure_environment
-from tasks.registry import PromotionRefused, current_user, promote_version, rollback_champion
+from tasks.registry import (
+    PromotionRefused, current_user, manual_promotion_markdown, promote_version, rollback_champion, rollback_markdown,
+)
 
 # Registry writes are tags and an alias move: safe to repeat, so transient errors are retried
 # inside tasks.registry (call_with_retry); a refusal is final and never retried.
@@ -34,16 +36,7 @@ def _who(who: str | None) -> str:
 def promote(model_name: str, version: str, why: str, force: bool = False, who: str | None = None) -> dict[str, Any]:
     """Point `@champion` of `model_name` at `version`. Refused for an unscored version unless `force`."""
     r = promote_task(model_name, str(version), force=force, why=why, who=_who(who))
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in r["scores"].items() if k != "n") or "none recorded"
-    create_markdown_artifact(
-        key="manual-promotion",
-        markdown=(
-            f"## {model_name}: champion {r['previous_champion'] or 'none'} → {r['version']}\n\n"
-            f"| | |\n|---|---|\n| who | {r['who']} |\n| why | {why} |\n"
-            f"| scored by | {r['scored_by'] or '**unscored (forced)**'} |\n| scores | {scores} |\n"
-        ),
-        description="Manual promotion",
-    )
+    create_markdown_artifact(key="manual-promotion", markdown=manual_promotion_markdown(r), description="Manual promotion")
     get_run_logger().info("%s: champion %s -> %s (%s)", model_name, r["previous_champion"], r["version"], why)
     return r
 
@@ -52,12 +45,7 @@ def promote(model_name: str, version: str, why: str, force: bool = False, who: s
 def rollback(model_name: str, why: str, who: str | None = None) -> dict[str, Any]:
     """Move `@champion` of `model_name` back to the version the current champion replaced."""
     r = rollback_task(model_name, why=why, who=_who(who))
-    create_markdown_artifact(
-        key="rollback",
-        markdown=(f"## {model_name}: champion {r['from']} → {r['to']} (rollback)\n\n"
-                  f"| | |\n|---|---|\n| who | {r['who']} |\n| why | {why} |\n"),
-        description="Rollback",
-    )
+    create_markdown_artifact(key="rollback", markdown=rollback_markdown(r), description="Rollback")
     get_run_logger().info("%s: champion %s -> %s (rollback: %s)", model_name, r["from"], r["to"], why)
     return r
 

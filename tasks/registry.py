@@ -527,6 +527,7 @@ def promote_version(name: str, version: str, *, force: bool, why: str, who: str)
             "or pass --force to promote it unscored.")
     previous = current_champion(name)
     scores = version_eval_metrics(name, version)
+    previous_scores = version_eval_metrics(name, previous) if previous else {}
     reason = "manual promotion" + (f" (scored by run {scored_by})" if scored_by else " (forced, unscored)")
     decision = {"promote": True, "reason": reason, "metric": "", "challenger_score": None,
                 "champion_score": None, "delta": None}
@@ -534,7 +535,8 @@ def promote_version(name: str, version: str, *, force: bool, why: str, who: str)
     if force and not scored_by:
         call_with_retry(client.set_model_version_tag, name, version, TAG_PROMO + "forced", "true")
     return {"model": name, "version": version, "previous_champion": previous, "scored_by": scored_by,
-            "forced": bool(force and not scored_by), "scores": scores, "who": who, "why": why}
+            "forced": bool(force and not scored_by), "scores": scores, "previous_scores": previous_scores,
+            "reason": reason, "who": who, "why": why}
 
 
 def rollback_champion(name: str, *, why: str, who: str) -> dict[str, Any]:
@@ -603,8 +605,12 @@ def current_user() -> str:
 
 
 def promotion_markdown(decision: dict[str, Any], challenger_metrics: dict[str, float],
-                       champion_metrics: dict[str, float] | None, model_name: str, version: str) -> str:
-    """A markdown report of a promotion decision (for a Prefect artifact)."""
+                       champion_metrics: dict[str, float] | None, model_name: str, version: str,
+                       compared_with: str = "champion") -> str:
+    """A markdown report of a promotion decision (for a Prefect artifact).
+
+    `compared_with` names what the challenger was scored against ("champion v3", "base model").
+    """
     champion_metrics = champion_metrics or {}
     verdict = "promoted to **champion**" if decision["promote"] else "**not promoted**"
     lines = [
@@ -612,18 +618,49 @@ def promotion_markdown(decision: dict[str, Any], challenger_metrics: dict[str, f
         "",
         f"{decision.get('reason', '')}",
         "",
-        f"Decision metric: `{decision.get('metric', '')}`",
+        f"Decision metric: `{decision.get('metric', '')}`; compared with: {compared_with}",
         "",
-        "| metric | challenger | champion | delta |",
-        "|---|---:|---:|---:|",
+        *_scores_table(challenger_metrics, champion_metrics, "challenger", compared_with, decision.get("metric")),
     ]
-    keys = list(challenger_metrics) + [k for k in champion_metrics if k not in challenger_metrics]
-    for k in keys:
-        c, b = challenger_metrics.get(k), champion_metrics.get(k)
-        d = c - b if isinstance(c, (int, float)) and isinstance(b, (int, float)) else None
-        mark = " ⬅" if k == decision.get("metric") else ""
-        lines.append(f"| {k}{mark} | {_cell(c)} | {_cell(b)} | {_cell(d, signed=True)} |")
     return "\n".join(lines) + "\n"
+
+
+def _scores_table(new: dict[str, float], old: dict[str, float], new_label: str, old_label: str,
+                  mark: str | None = None) -> list[str]:
+    lines = [f"| metric | {new_label} | {old_label} | delta |", "|---|---:|---:|---:|"]
+    for k in list(new) + [k for k in old if k not in new]:
+        c, b = new.get(k), old.get(k)
+        d = c - b if isinstance(c, (int, float)) and isinstance(b, (int, float)) else None
+        lines.append(f"| {k}{' ⬅' if k == mark else ''} | {_cell(c)} | {_cell(b)} | {_cell(d, signed=True)} |")
+    return lines
+
+
+def manual_promotion_markdown(r: dict[str, Any]) -> str:
+    """A markdown report of `promote_version`'s result: who, why, and both versions' recorded scores."""
+    previous = r["previous_champion"]
+    lines = [
+        f"## {r['model']}: champion {previous or 'none'} → {r['version']}",
+        "",
+        r["reason"],
+        "",
+        "| | |",
+        "|---|---|",
+        f"| who | {r['who']} |",
+        f"| why | {r['why']} |",
+        f"| scored by | {r['scored_by'] or '**unscored (forced)**'} |",
+        "",
+        *_scores_table({k: v for k, v in r["scores"].items() if k != "n"},
+                       {k: v for k, v in r["previous_scores"].items() if k != "n"},
+                       f"version {r['version']}", f"previous champion {previous}" if previous else "no previous champion"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def rollback_markdown(r: dict[str, Any]) -> str:
+    """A markdown report of `rollback_champion`'s result."""
+    return (f"## {r['model']}: champion {r['from']} → {r['to']} (rollback)\n\n"
+            f"| | |\n|---|---|\n| previous champion | {r['from']} |\n| new champion | {r['to']} |\n"
+            f"| who | {r['who']} |\n| why | {r['why']} |\n")
 
 
 def _cell(x: Any, signed: bool = False) -> str:

@@ -358,7 +358,8 @@ def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: 
     apply_promotion(version.name, version.version, decision, who="ftflow finetune flow", why=decision["reason"])
     create_markdown_artifact(
         key="promotion-decision",
-        markdown=promotion_markdown(decision, challenger["metrics"], champion["metrics"], version.name, version.version),
+        markdown=promotion_markdown(decision, challenger["metrics"], champion["metrics"], version.name, version.version,
+                                    compared_with=champion_label),
         description="Promotion decision",
     )
     logger.info("promotion: %s — %s", "PROMOTED to champion" if decision["promote"] else "not promoted", decision["reason"])
