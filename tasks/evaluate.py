@@ -514,32 +514,6 @@ def scored_inference_run(model_ref: str, eval_jsonl: str | Path, *, gen: dict, b
 # --------------------------------------------------------------------------- CLI
 
 
-def _metrics_table(metrics: dict[str, float]) -> str:
-    width = max(len(k) for k in metrics)
-    return "\n".join(f"{k:<{width}}  {v:>10.4f}" if k != "n" else f"{k:<{width}}  {int(v):>10d}"
-                     for k, v in metrics.items())
-
-
-def eval_cli(model: str, data: str, max_samples: int | None, batch_size: int | None,
-             max_new_tokens: int | None) -> int:
-    """`ftflow eval --model REF --data FILE`: score a model on an eval file and print the metrics."""
-    from ftflow.config import GenerationConfigModel
-    from infra.local import configure_environment
-
-    configure_environment()
-    gen = GenerationConfigModel().model_dump()
-    if max_new_tokens:
-        gen["max_new_tokens"] = int(max_new_tokens)
-    try:
-        result = evaluate_model(model, data, gen=gen, batch_size=int(batch_size or 32), max_samples=max_samples)
-    except (FileNotFoundError, ValueError) as err:
-        sys.stderr.write(f"error: {err}" + "\n")
-        return 2
-    sys.stdout.write(f"{model} on {data}" + "\n")
-    sys.stdout.write(_metrics_table(result.metrics) + "\n")
-    return 0
-
-
 def generate_cli(model: str, prompt: str, max_new_tokens: int, system: str | None) -> int:
     """`ftflow generate --model REF "prompt"`: stream one chat reply to stdout."""
     import torch
