@@ -17,11 +17,13 @@ Methods (every one trains the same samples once, in its own forked process, so p
 - trl_packed: TRL SFTTrainer, packing="bfd" (padding-free, max_length 1024 rows, rows per step
   chosen so a step holds ~8 samples), assistant-only loss (the `assistant_masks` column), sdpa;
 - trl_grouped: TRL SFTTrainer without packing, length-grouped sampling, assistant-only loss;
-- ftflow_padded: what `tasks/train_worker.py` runs on CPU (batching=auto): `PaddedCollator`
-  (pad to the batch's longest), length-grouped sampling, sdpa;
-- ftflow_packed: the worker's batching=packed: `PackedCollator` (one row, position_ids), sdpa;
-- ftflow_packed_varlen / ftflow_padded_varlen: the same with `tasks.collate.packed_sdpa_attention`
-  (causal sdpa per sample, no (T, T) mask). Not yet what the worker runs: see bench/RESULTS.md.
+- ftflow_packed_varlen: what `tasks/train_worker.py` runs (batching=auto, i.e. packed):
+  `PackedCollator` (the batch's samples in one row, position_ids restarting per sample) with
+  `tasks.collate.packed_sdpa_attention` (causal sdpa per sample, no (T, T) mask);
+- ftflow_padded: the worker's batching=padded: `PaddedCollator` (pad to the batch's longest),
+  length-grouped sampling, sdpa;
+- ftflow_packed: packed rows with plain sdpa (transformers' dense (T, T) block mask), for reference;
+- ftflow_padded_varlen: padded batches with the per-sample attention (right padding keeps it exact).
 
 Timing starts after the first optimizer step (warm-up) and ends with the last one; the tokens of
 the first batch are left out accordingly. Figures: trained tokens/s (labels != -100), total
@@ -59,7 +61,7 @@ WORDS = (
 ).split()
 ALL_METHODS = ("seed", "trl_packed", "trl_grouped", "ftflow_padded", "ftflow_packed",
                "ftflow_packed_varlen", "ftflow_padded_varlen")
-QUICK_SAMPLES, QUICK_METHODS = 24, ("seed", "trl_packed", "ftflow_padded", "ftflow_packed_varlen")
+QUICK_SAMPLES, QUICK_METHODS = 24, ("seed", "trl_packed", "trl_grouped", "ftflow_packed_varlen")
 MODEL_SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
 
@@ -370,7 +372,7 @@ def summarize(args, prep: dict, runs: dict[str, list[dict]], extras: dict, t_sta
         results[m]["trained_tokens_per_s_runs"] = [round(r["trained_tokens_per_s"], 1) for r in rs]
     ok = {m: r for m, r in results.items() if "error" not in r}
     best = lambda prefix: max((r["trained_tokens_per_s"] for m, r in ok.items() if m.startswith(prefix)), default=None)  # noqa: E731
-    ftflow_default = ok.get("ftflow_padded", {}).get("trained_tokens_per_s")
+    ftflow_default = ok.get("ftflow_packed_varlen", {}).get("trained_tokens_per_s")  # the worker's batching=auto
     ftflow_best, seed_v, trl_v = best("ftflow"), best("seed"), best("trl")
     ratios = {
         "ftflow_best_vs_seed": ftflow_best / seed_v if ftflow_best and seed_v else None,

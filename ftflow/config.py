@@ -106,7 +106,8 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0)
     gradient_checkpointing: bool = False
     batching: Literal["auto", "padded", "packed"] = Field(
-        "auto", description="padded: length-grouped dynamic padding; packed: padding-free packing; auto picks per device."
+        "auto", description="packed: padding-free packing with per-sample causal attention (the fastest exact "
+        "batching measured, CPU and GPU); padded: dynamic padding, length-grouped if group_by_length; auto = packed."
     )
     group_by_length: bool = Field(
         True, description="Batch samples of similar length (less padding, faster). Turn off for data whose lengths "
