@@ -74,7 +74,11 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
     modules_to_save: list[str] = Field(default_factory=list)
     use_dora: bool = False
-    merge: bool = Field(False, description="Also export the adapter merged into the base model.")
+    merge: bool = Field(
+        False,
+        description="false: register the adapter alone (base model referenced by id and revision); "
+        "true: register the adapter merged into the base (a full model), the adapter logged beside it.",
+    )
 
 
 class QuantConfig(_Section):
