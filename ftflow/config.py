@@ -134,6 +134,7 @@ class GenerationConfigModel(_Section):
     top_k: int = Field(50, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
     no_repeat_ngram_size: int = Field(0, ge=0)
+    seed: int = Field(0, description="Seeds sampling (do_sample=true), so a scored run can be repeated exactly.")
 
 
 class EvalConfig(_Section):

@@ -238,6 +238,8 @@ def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: di
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer, stop_ids)
     kw = _generate_kwargs(gen, stop_ids, pad_id)
+    if kw["do_sample"]:  # same seed, prompts and batch size -> the same samples
+        torch.manual_seed(int((gen or {}).get("seed", 0)))
     stop = set(stop_ids)
     ids = [_prompt_ids(tokenizer, m) for m in prompts_messages]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))

@@ -224,3 +224,52 @@ def test_scored_inference_run(mlflow_sqlite, tiny_model_dir, demo_dir):
     with pytest.raises(ValueError, match="max_new_token"):  # generation settings are validated before any run
         scored_inference_run(str(tiny_model_dir), data, gen={"max_new_token": 3}, batch_size=2, max_samples=1,
                              experiment_id=ensure_experiment("t"), run_name="eval-z")
+
+
+def test_generation_settings_take_effect(tiny, noisy):
+    from tasks.evaluate import _generate_kwargs, _prompt_ids, stop_token_ids
+
+    model, tok = tiny  # the seed-0 init repeats one token forever under greedy decoding
+    prompt = torch.tensor([_prompt_ids(tok, PROMPTS[0])])
+    stops = stop_token_ids(model, tok)
+
+    def new_ids(gen: dict) -> list[int]:
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **_generate_kwargs(gen, stops, 0))
+        return out[0, prompt.shape[1]:].tolist()
+
+    assert len(set(new_ids({"max_new_tokens": 6}))) == 1
+    no_repeat = new_ids({"max_new_tokens": 6, "no_repeat_ngram_size": 1})
+    assert len(no_repeat) == len(set(no_repeat)) == 6  # no token twice
+    penalised = new_ids({"max_new_tokens": 6, "repetition_penalty": 1e6})
+    assert len(set(penalised)) > 1
+
+    model, tok = noisy
+    sample = {"max_new_tokens": 8, "do_sample": True, "temperature": 5.0, "top_k": 0, "seed": 3}
+    first = generate_batch(model, tok, PROMPTS, sample, batch_size=3)
+    assert generate_batch(model, tok, PROMPTS, sample, batch_size=3) == first  # seeded: repeatable
+    assert generate_batch(model, tok, PROMPTS, {**sample, "seed": 4}, batch_size=3) != first
+    assert first != generate_batch(model, tok, PROMPTS, {"max_new_tokens": 8}, batch_size=3)  # not greedy
+
+
+def test_generate_cli_streams_the_reply(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # A model whose greedy reply has spaces (TextStreamer emits at word boundaries).
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    from tasks.evaluate import generate_cli
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "m")
+    pieces = []
+    original = TextStreamer.on_finalized_text
+    monkeypatch.setattr(TextStreamer, "on_finalized_text",
+                        lambda self, text, stream_end=False: (pieces.append(text), original(self, text, stream_end))[1])
+    assert generate_cli(str(tmp_path / "m"), "Reverse the words: apple river stone", 24, system=None) == 0
+    printed = capsys.readouterr().out
+    assert len([p for p in pieces if p]) >= 2, pieces  # written piece by piece, as generated
+    assert printed.strip() and "".join(pieces).strip() == printed.strip()
