@@ -110,11 +110,12 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0)
     gradient_checkpointing: bool = False
     batching: Literal["auto", "padded", "packed"] = Field(
-        "auto", description="packed: padding-free packing with per-sample causal attention (the fastest exact "
-        "batching measured, CPU and GPU); padded: dynamic padding, length-grouped if group_by_length; auto = packed."
+        "auto", description="packed: padding-free packing with per-sample causal attention (exact; the fastest "
+        "batching measured on CPU, bench/RESULTS.md); padded: dynamic padding, length-grouped if group_by_length; "
+        "auto = packed."
     )
     group_by_length: bool = Field(
-        True, description="Batch samples of similar length (less padding, faster). Turn off for data whose lengths "
+        True, description="batching=padded only: batch samples of similar length (less padding, faster). Turn off for data whose lengths "
         "fall into a few classes: every batch would then hold one class, which slows learning."
     )
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
