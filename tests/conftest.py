@@ -39,6 +39,44 @@ def demo_dir() -> Path:
     return REPO / "data" / "demo"
 
 
+@pytest.fixture(scope="session")
+def noisy_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model re-drawn with larger weights, so greedy replies are not one repeated token
+    (they differ per prompt, contain spaces and sometimes stop)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("noisy-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def bare_versions():
+    """`make(name, n)`: a registered model with n versions and no artifacts (enough for alias,
+    tag, promotion and rollback logic) in the current MLflow store."""
+
+    def make(name: str, n: int) -> None:
+        import mlflow
+
+        from infra.local import configure_environment
+
+        configure_environment()
+        client = mlflow.MlflowClient()
+        client.create_registered_model(name)
+        for _ in range(n):
+            client.create_model_version(name, source="file:///nonexistent")
+
+    return make
+
+
 @pytest.fixture()
 def mlflow_sqlite(tmp_path, monkeypatch) -> str:
     """A fresh MLflow SQLite store for one test."""

@@ -49,19 +49,6 @@ def _artifacts(state) -> dict[str, object]:
     return {a.key: (json.loads(a.data) if a.type == "table" else a.data) for a in found}
 
 
-def _bare_versions(name: str, n: int) -> None:
-    """Registered versions without artifacts: enough for promotion and rollback."""
-    import mlflow
-
-    from infra.local import configure_environment
-
-    configure_environment()
-    client = mlflow.MlflowClient()
-    client.create_registered_model(name)
-    for _ in range(n):
-        client.create_model_version(name, source="file:///nonexistent")
-
-
 def test_evaluate_flow_artifacts_hold_the_scores_and_examples(prefect_server, mlflow_sqlite, tiny_model_dir):
     import mlflow
 
@@ -102,11 +89,11 @@ def test_eval_cli_runs_the_evaluate_flow(prefect_server, mlflow_sqlite, tiny_mod
     assert "max_new_token" in capsys.readouterr().err
 
 
-def test_promote_and_rollback_flow_artifacts(prefect_server, mlflow_sqlite):
+def test_promote_and_rollback_flow_artifacts(prefect_server, mlflow_sqlite, bare_versions):
     from flows.promote import promote, rollback
     from tasks.registry import PromotionRefused
 
-    _bare_versions("m", 3)
+    bare_versions("m", 3)
     record_eval("m", "1", run_id="run-one", metrics={"exact_match": 0.25, "char_f1": 0.5, "n": 4.0})
     record_eval("m", "2", run_id="run-two", metrics={"exact_match": 0.75, "char_f1": 0.625, "n": 4.0})
 
@@ -134,7 +121,7 @@ def test_promote_and_rollback_flow_artifacts(prefect_server, mlflow_sqlite):
     assert current_champion("m") == "1"
 
 
-def test_finetune_promotion_decision_artifact(prefect_server, mlflow_sqlite):
+def test_finetune_promotion_decision_artifact(prefect_server, mlflow_sqlite, bare_versions):
     """The finetune flow's `promote` stage, called from a one-step flow with literal scores."""
     from tasks import stages
 
@@ -143,7 +130,7 @@ def test_finetune_promotion_decision_artifact(prefect_server, mlflow_sqlite):
         return stages.promote(cfg, version, challenger, champion, label)
 
     cfg = load_config(REPO / "configs/demo.yaml")
-    _bare_versions("m", 2)
+    bare_versions("m", 2)
     champion = {"metrics": {"exact_match": 0.5, "char_f1": 0.75}, "run_id": "r-base"}
     worse = {"metrics": {"exact_match": 0.25, "char_f1": 0.8}, "run_id": "r-1"}
     state = decide(cfg, RegisteredVersion("m", "1", "", False, "models:/m/1"), worse, champion, "base model",

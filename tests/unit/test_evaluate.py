@@ -251,25 +251,17 @@ def test_generation_settings_take_effect(tiny, noisy):
     assert first != generate_batch(model, tok, PROMPTS, {"max_new_tokens": 8}, batch_size=3)  # not greedy
 
 
-def test_generate_cli_streams_the_reply(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    # A model whose greedy reply has spaces (TextStreamer emits at word boundaries).
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+def test_generate_cli_streams_the_reply(noisy_model_dir, monkeypatch, capsys):
+    from transformers import TextStreamer
 
     from tasks.evaluate import generate_cli
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(tmp_path / "m")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "m")
+    # The noisy model's greedy reply has spaces: TextStreamer emits at word boundaries.
     pieces = []
     original = TextStreamer.on_finalized_text
     monkeypatch.setattr(TextStreamer, "on_finalized_text",
                         lambda self, text, stream_end=False: (pieces.append(text), original(self, text, stream_end))[1])
-    assert generate_cli(str(tmp_path / "m"), "Reverse the words: apple river stone", 24, system=None) == 0
+    assert generate_cli(str(noisy_model_dir), "Reverse the words: apple river stone", 24, system=None) == 0
     printed = capsys.readouterr().out
     assert len([p for p in pieces if p]) >= 2, pieces  # written piece by piece, as generated
     assert printed.strip() and "".join(pieces).strip() == printed.strip()

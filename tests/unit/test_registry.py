@@ -21,23 +21,6 @@ from tasks.registry import (
 CHAT = [{"role": "user", "content": "Reverse the words: apple river stone"}]
 
 
-@pytest.fixture(scope="module")
-def noisy_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model re-drawn with larger weights, so greedy replies are not one repeated token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("noisy-model")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def _run(experiment: str = "t") -> str:
     import mlflow
 
@@ -171,23 +154,10 @@ def test_decide_promotion_names_missing_metric():
         decide_promotion({"exact_match": 1.0}, {"exact_match": 0.0}, metric="char_f1", min_improvement=0, no_regress=[])
 
 
-def _bare_versions(name: str, n: int) -> None:
-    """Registered versions without artifacts: enough for alias and tag logic."""
+def test_promotion_and_rollback(mlflow_sqlite, bare_versions):
     import mlflow
 
-    from infra.local import configure_environment
-
-    configure_environment()
-    client = mlflow.MlflowClient()
-    client.create_registered_model(name)
-    for _ in range(n):
-        client.create_model_version(name, source="file:///nonexistent")
-
-
-def test_promotion_and_rollback(mlflow_sqlite):
-    import mlflow
-
-    _bare_versions("m", 3)
+    bare_versions("m", 3)
     win = {"promote": True, "reason": "better", "metric": "exact_match", "challenger_score": 0.6,
            "champion_score": 0.5, "delta": 0.1}
     lose = {**win, "promote": False, "reason": "worse"}
@@ -208,8 +178,8 @@ def test_promotion_and_rollback(mlflow_sqlite):
     assert current_champion("m") == "1"
 
 
-def test_promote_cli_requires_scored_version(mlflow_sqlite, capsys):
-    _bare_versions("m", 2)
+def test_promote_cli_requires_scored_version(mlflow_sqlite, capsys, bare_versions):
+    bare_versions("m", 2)
     assert promote_cli("m", "1", force=False, why="") == 1
     assert "--force" in capsys.readouterr().err
     assert current_champion("m") is None
@@ -231,12 +201,12 @@ def test_promotion_markdown():
     assert "| char_f1 | 0.9000 | 0.8000 | +0.1000 |" in md
 
 
-def test_promote_version_and_rollback_record_who_and_why(mlflow_sqlite):
+def test_promote_version_and_rollback_record_who_and_why(mlflow_sqlite, bare_versions):
     import mlflow
 
     from tasks.registry import PromotionRefused, promote_version, resolve_version, rollback_champion
 
-    _bare_versions("m", 2)
+    bare_versions("m", 2)
     with pytest.raises(PromotionRefused, match="no scored inference run"):
         promote_version("m", "1", force=False, why="", who="alice")
     with pytest.raises(LookupError, match="no version '7'"):
