@@ -322,22 +322,26 @@ class _Builder:
             ends = np.cumsum(self.byte_lengths[flat])  # byte offset where each token ends (chunk-global)
             begins = ends - self.byte_lengths[flat]
             base = np.concatenate(([0], ends))[starts]  # byte offset where each row starts
+            tiled = np.diff(base).tolist()  # bytes each row's tokens stand for
+            base = base.tolist()
             firsts, lasts = [], []
             for r, (text, row_spans) in enumerate(zip(texts, spans)):
-                ascii_ = text.isascii()
-                nbytes = len(text) if ascii_ else len(text.encode("utf-8"))
-                exact = (ascii_ or unicodedata.is_normalized("NFC", text)) and int(base[r + 1]) - int(base[r]) == nbytes
-                if not exact:  # the normalizer changed the text, or tokens do not tile it: ask for offsets
-                    self.offset_fallbacks += 1
-                    ranges += self._ranges_from_offsets(self.backend.encode(text, add_special_tokens=False).offsets,
-                                                        row_spans, int(starts[r]))
+                if text.isascii():
+                    if tiled[r] == len(text):  # one byte a character: character offsets are byte offsets
+                        b0 = base[r]
+                        firsts += [b0 + cs for cs, _ in row_spans]
+                        lasts += [b0 + ce for _, ce in row_spans]
+                        continue
+                elif unicodedata.is_normalized("NFC", text) and tiled[r] == len(text.encode("utf-8")):
+                    b0 = base[r]
+                    for cs, ce in row_spans:
+                        firsts.append(b0 + len(text[:cs].encode("utf-8")))
+                        lasts.append(b0 + len(text[:ce].encode("utf-8")))
                     continue
-                b0 = int(base[r])
-                for cs, ce in row_spans:
-                    if not ascii_:
-                        cs, ce = len(text[:cs].encode("utf-8")), len(text[:ce].encode("utf-8"))
-                    firsts.append(b0 + cs)
-                    lasts.append(b0 + ce)
+                # The normalizer changed the text, or the tokens do not tile it: ask for offsets.
+                self.offset_fallbacks += 1
+                ranges += self._ranges_from_offsets(self.backend.encode(text, add_special_tokens=False).offsets,
+                                                    row_spans, int(starts[r]))
             if firsts:
                 a = np.searchsorted(ends, firsts, side="right")
                 b = np.searchsorted(begins, lasts, side="left")
@@ -398,18 +402,19 @@ class _Builder:
         if ranges:
             a, b = np.array(ranges, dtype=np.int64).T
             keep = b > a
-            np.add.at(marks, a[keep], 1)
-            np.add.at(marks, b[keep], -1)
+            marks += np.bincount(a[keep], minlength=total + 1) - np.bincount(b[keep], minlength=total + 1)
         trained = np.cumsum(marks[:total]) > 0
         counts = np.diff(starts)
         trained[starts[:-1][counts > 0]] = False  # position 0 is never a target
 
         # Length policy per row (Python: one comparison per row), then the kept tokens in one go.
-        n_keep = counts.copy()
+        n_keep = np.minimum(counts, self.max_length)
         row_kept = np.ones(len(texts), dtype=bool)
         trained_cum = np.concatenate(([0], np.cumsum(trained)))
-        for r, ((sid, line), n) in enumerate(zip(metas, counts.tolist())):
-            self.raw_lengths.append(n)
+        row_trained = (trained_cum[starts[:-1] + n_keep] - trained_cum[starts[:-1]]).tolist()  # after truncation
+        raw = counts.tolist()
+        self.raw_lengths += raw
+        for r, ((sid, line), n) in enumerate(zip(metas, raw)):
             truncated = False
             if n > self.max_length:
                 if self.length_policy == "raise":
@@ -423,9 +428,7 @@ class _Builder:
                     row_kept[r] = False
                     continue
                 n, truncated = self.max_length, True
-                n_keep[r] = n
-            s = int(starts[r])
-            n_trained = int(trained_cum[s + n] - trained_cum[s])
+            n_trained = row_trained[r]
             if n_trained == 0:
                 reason = "no_trained_tokens_after_truncation" if truncated else "no_trained_tokens"
                 detail = "the prompt fills tokenize.max_length" if truncated else "no token falls in a trained span"
