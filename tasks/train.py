@@ -6,10 +6,16 @@ rank's full log under `<train_dir>/logs/`. If a rank fails, the whole process gr
 `TrainingFailed` names the rank, its exit code and the tail of its log. The training folder is
 keyed by content (tokenized data, base model, train settings), so running the same config again
 after a crash resumes from the latest complete checkpoint, and a finished training is reused.
+
+No rank outlives the run that launched it: torchrun gets SIGTERM when its launcher dies, even by
+SIGKILL (Linux parent-death signal), and stops its ranks; the folder's lock stays held by torchrun
+until it has exited, so the next run never meets ranks still writing; and any rank still alive
+after torchrun ended is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import logging
@@ -25,7 +31,9 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
+
+import psutil
 
 from ftflow.config import TrainConfig, project_path
 from ftflow.utils import PROJECT_ROOT, sha256_json
@@ -109,18 +117,58 @@ def _failed_rank(output: str) -> tuple[int | None, int | None]:
     return (int(m_rank.group(1)) if m_rank else None, int(m_code.group(1)) if m_code else None)
 
 
-def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """End torchrun and every rank it started (they share its process group)."""
-    if proc.poll() is not None:
-        return
+def _descendants(proc: subprocess.Popen) -> list[psutil.Process]:
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_survivors(procs: list[psutil.Process]) -> None:
+    """SIGKILL the ranks still alive after torchrun ended (torchrun starts each in its own session,
+    so they are not in its process group and would outlive it as orphans)."""
+    alive = [p for p in procs if p.is_running()]  # is_running also checks the start time: no pid reuse
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """End torchrun and every rank it started: SIGTERM lets torchrun stop its ranks itself;
+    whatever is left after `grace_s` (torchrun or a rank) is killed."""
+    ranks = _descendants(proc)
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    _kill_survivors(ranks)
+
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _sigterm_when_parent_dies(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn: the child (torchrun) gets SIGTERM when the thread that launched it dies, by
+    SIGKILL too, and then stops its ranks. Linux only (elsewhere an orphaned torchrun runs on)."""
+    if _LIBC is None:
+        return None
+    prctl = _LIBC.prctl  # looked up here, not in the forked child
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def launch(
@@ -129,7 +177,10 @@ def launch(
     log_dir: Path,
     on_line: Callable[[str], None] | None = None,
     on_start: Callable[[subprocess.Popen], None] | None = None,
+    keep_fds: tuple[int, ...] = (),
 ) -> None:
+    """Run torchrun to the end. `keep_fds` stay open in torchrun (the training folder's lock, so it
+    is held until torchrun and its ranks are gone, whatever happens to this process)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = torchrun_command(job_path, train, log_dir)
     env = dict(os.environ)
@@ -140,6 +191,7 @@ def launch(
     proc = subprocess.Popen(
         cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, errors="replace", start_new_session=True,
+        pass_fds=keep_fds, preexec_fn=_sigterm_when_parent_dies(os.getpid()),
     )
     if on_start:
         on_start(proc)  # e.g. a test that kills one rank mid-run
@@ -156,8 +208,10 @@ def launch(
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     deadline = time.monotonic() + train.timeout_minutes * 60
+    ranks: dict[int, psutil.Process] = {}  # every process torchrun started, to be sure none survives it
     try:
         while proc.poll() is None:
+            ranks.update((p.pid, p) for p in _descendants(proc))
             if time.monotonic() > deadline:
                 kill_group(proc)
                 raise TrainingFailed(
@@ -169,6 +223,7 @@ def launch(
         kill_group(proc)
         raise
     finally:
+        _kill_survivors(list(ranks.values()))
         reader.join(timeout=5)
     if proc.returncode != 0:
         output = "\n".join(tail)
@@ -204,29 +259,33 @@ def run_training(
     The folder is keyed by content, so two runs of the same config meet here: a lock makes the
     second wait until the first has finished, after which it finds `final/` complete and reuses it.
     """
-    with _exclusive(train_dir.parent / f".{train_dir.name}.lock"):
+    with exclusive(train_dir.parent / f".{train_dir.name}.lock", "another run is training the same thing") as lock:
         return _run_training_locked(
             train=train, train_dir=train_dir, model_path=model_path, dataset_path=dataset_path,
             pad_token_id=pad_token_id, trust_remote_code=trust_remote_code, revision=revision,
             mlflow_tracking_uri=mlflow_tracking_uri, mlflow_run_id=mlflow_run_id,
-            reference_inputs=reference_inputs, on_line=on_line, on_start=on_start,
+            reference_inputs=reference_inputs, on_line=on_line, on_start=on_start, lock_fd=lock.fileno(),
         )
 
 
 @contextmanager
-def _exclusive(lock_path: Path):
-    """An advisory lock (flock) held for the block; released by the OS if the holder dies."""
+def exclusive(lock_path: Path, waiting_for: str = "another run holds it") -> Iterator[IO[str]]:
+    """An advisory lock (flock) held for the block; released by the OS when every process holding
+    the open file (this one, and a child it was passed to) has died. Yields the open lock file."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another run is training the same thing (%s); waiting for it to finish", lock_path)
+            log.info("%s (%s); waiting for it to finish", waiting_for, lock_path)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield f
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_exclusive = exclusive  # the name tests/unit/test_train_launcher.py uses
 
 
 def _run_training_locked(
@@ -243,6 +302,7 @@ def _run_training_locked(
     reference_inputs: list[list[int]] | None,
     on_line: Callable[[str], None] | None,
     on_start: Callable[[subprocess.Popen], None] | None,
+    lock_fd: int,
 ) -> dict[str, Any]:
     final = train_dir / "final"
     if is_complete_checkpoint(final):
@@ -272,7 +332,8 @@ def _run_training_locked(
     train_dir.mkdir(parents=True, exist_ok=True)
     job_path = train_dir / "job.json"
     job_path.write_text(json.dumps(asdict(job), indent=2))
-    launch(job_path, train, train_dir / "logs" / time.strftime("%Y%m%d-%H%M%S"), on_line=on_line, on_start=on_start)
+    launch(job_path, train, train_dir / "logs" / time.strftime("%Y%m%d-%H%M%S"), on_line=on_line, on_start=on_start,
+           keep_fds=(lock_fd,))
     if not is_complete_checkpoint(final):
         raise TrainingFailed(f"training exited cleanly but {final} has no {COMPLETE_MARKER}", None, 0, "")
     summary = json.loads((final / "train_summary.json").read_text())
