@@ -19,7 +19,6 @@ from prefect.runtime import flow_run
 
 from ftflow.config import PipelineConfig
 from ftflow.utils import sha256_json, state_dir
-from infra.local import ensure_experiment
 from tasks import stages
 from tasks.lineage import end_run, log_text, redact, start_parent_run
 from tasks.registry import current_champion
@@ -36,7 +35,7 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
     run_id = flow_run.get_id() or "local"
     run_name = flow_run.get_name() or "local"
     out_dir = state_dir() / "runs" / config.name / str(run_id)
-    experiment_id = ensure_experiment(config.registry.experiment)
+    experiment_id = stages.open_experiment(config)
     parent = start_parent_run(
         experiment_id,
         f"{config.name}-{run_name}",

@@ -9,14 +9,19 @@ Orchestration extras, all here:
   re-run shows them as Cached in the UI; what they would have logged to MLflow is logged by the
   `record-*` tasks, which always run;
 - `gpu_slot()` holds one slot of the `gpu` global concurrency limit around training: a second
-  run waits for the slot (it does not fail).
+  run waits for the slot (it does not fail). Without a Prefect server the slots are file locks.
+- two runs of the same config at once: tokenizing and registering are done under file locks
+  (`<FTFLOW_HOME>/locks/`), so the second run waits, then finds the cache / the version made.
+  Every lock here is an flock, released by the OS when its holder dies, even by SIGKILL.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,6 +75,18 @@ class TokensOut:
     stats: dict[str, Any]
     template_text: str
     reference_inputs: list[list[int]] = field(default_factory=list)
+
+
+def open_experiment(cfg: PipelineConfig) -> str:
+    """The MLflow experiment id of `registry.experiment`, created if new.
+
+    Under a lock: two runs starting together on a new FTFLOW_HOME would both create the MLflow
+    SQLite tables, and one of them would fail half-way through the migrations."""
+    from infra.local import ensure_experiment
+    from tasks.train import exclusive
+
+    with exclusive(state_dir() / "locks" / "mlflow-store.lock", "another run is opening the MLflow store"):
+        return ensure_experiment(cfg.registry.experiment)
 
 
 @task(name="prepare-base-model")
@@ -171,8 +188,12 @@ def record_data(cfg: PipelineConfig, data: DataOut, cached: bool, parent_run_id:
 @task(name="tokenize", cache_key_fn=_tokenize_cache_key, persist_result=True)
 def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_) -> TokensOut:
     from tasks.tokenize import tokenize_from_config
+    from tasks.train import exclusive
 
-    res = tokenize_from_config(cfg, train_jsonl, base.path)
+    # Two runs of the same data at once: the second waits here, then hits the first one's cache.
+    key = _tokenize_cache_key(None, {"cfg": cfg, "train_jsonl": train_jsonl, "base": base})
+    with exclusive(state_dir() / "locks" / f"{key}.lock", "another run is tokenizing the same data"):
+        res = tokenize_from_config(cfg, train_jsonl, base.path)
     from datasets import load_from_disk
 
     ds = load_from_disk(str(res.path))
@@ -217,8 +238,13 @@ def gpu_slot(cfg: PipelineConfig) -> Iterator[None]:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
     logger = get_run_logger()
+    if not PREFECT_API_URL.value():
+        with _local_gpu_slot(cfg, logger):
+            yield
+        return
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(GPU_LIMIT)
@@ -234,6 +260,33 @@ def gpu_slot(cfg: PipelineConfig) -> Iterator[None]:
     with concurrency(GPU_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
         logger.info("'%s' slot acquired", GPU_LIMIT)
         yield
+
+
+@contextmanager
+def _local_gpu_slot(cfg: PipelineConfig, logger) -> Iterator[None]:
+    """The `gpu` slots as file locks under <FTFLOW_HOME>/locks/, for runs without a Prefect server.
+
+    Prefect's ephemeral mode gives every process its own temporary server, which keeps slot leases
+    in memory and never expires them: a run killed while training would hold its slot for ever and
+    every later run would wait on it. An flock is released by the OS when its holder dies."""
+    slots = max(1, int(os.environ.get("FTFLOW_GPU_SLOTS", 1)))
+    root = state_dir() / "locks"
+    root.mkdir(parents=True, exist_ok=True)
+    logger.info("waiting for a '%s' slot (training of %s; %d local slot(s) in %s)", GPU_LIMIT, cfg.name, slots, root)
+    while True:
+        for i in range(slots):
+            with open(root / f"{GPU_LIMIT}-{i}.lock", "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                try:
+                    logger.info("'%s' slot acquired", GPU_LIMIT)
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                return
+        time.sleep(1.0)
 
 
 def _rank0_line(line: str) -> str:
@@ -314,10 +367,16 @@ def consolidate(cfg: PipelineConfig, trained: dict[str, Any], base: BaseModel_, 
 @task(name="register", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
 def register(cfg: PipelineConfig, model_dir: str, fingerprint: str, parent_run_id: str, tags: dict[str, str]):
     from tasks.registry import register_model
+    from tasks.train import exclusive
 
     logger = get_run_logger()
-    rv = register_model(model_dir, model_name=cfg.registry.model_name, run_id=parent_run_id, fingerprint=fingerprint,
-                        tags=tags, base_model=cfg.model.name_or_path, base_model_revision=cfg.model.revision)
+    # register_model looks for the fingerprint, then creates a version: two runs of the same training
+    # doing that at once would both find none and make two versions. One at a time, the second finds
+    # the first one's version.
+    lock = state_dir() / "locks" / f"register-{sha256_json(cfg.registry.model_name)[:16]}.lock"
+    with exclusive(lock, f"another run is registering {cfg.registry.model_name}"):
+        rv = register_model(model_dir, model_name=cfg.registry.model_name, run_id=parent_run_id, fingerprint=fingerprint,
+                            tags=tags, base_model=cfg.model.name_or_path, base_model_revision=cfg.model.revision)
     logger.info(
         "%s %s version %s (alias challenger)",
         "already registered:" if rv.existed else "registered", rv.name, rv.version,
