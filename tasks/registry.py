@@ -140,6 +140,14 @@ def _find_by_fingerprint(client, model_name: str, fingerprint: str):
     return None
 
 
+def _first_with_fingerprint(client, model_name: str, fingerprint: str):
+    """The lowest-numbered version tagged with `fingerprint` that did not fail, whatever its state:
+    the one every concurrent registrar of the same model agrees to keep."""
+    query = f"name = '{_quote(model_name)}' and tags.`{TAG_FINGERPRINT}` = '{_quote(fingerprint)}'"
+    versions = [v for v in call_with_retry(client.search_model_versions, query) if v.status != "FAILED_REGISTRATION"]
+    return min(versions, key=lambda v: int(v.version), default=None)
+
+
 def _artifacts_complete(client, mv) -> bool:
     """A LoggedModel is READY only after all its artifacts were uploaded (FAILED if logging raised)."""
     model_id = logged_model_id(mv)
@@ -357,6 +365,16 @@ def register_model(
     if mv.status != "READY":
         raise RuntimeError(f"model {model_name} version {mv.version} is {mv.status}, not READY; "
                            "alias 'challenger' left unchanged")
+    first = _first_with_fingerprint(client, model_name, fingerprint)
+    if first is not None and int(first.version) < int(mv.version):
+        # Another registrar (a run on another machine sharing this MLflow server) made a version of
+        # the same model between our search and our creation: the lowest version wins, ours goes.
+        log.warning("model %s version %s holds fingerprint %s too (registered concurrently); deleting "
+                    "version %s and keeping %s", model_name, first.version, fingerprint[:12], mv.version, first.version)
+        call_with_retry(client.delete_model_version, model_name, mv.version)
+        call_with_retry(client.set_registered_model_alias, model_name, CHALLENGER, first.version)
+        return RegisteredVersion(model_name, str(first.version), first.run_id or "", True,
+                                 f"models:/{model_name}/{first.version}")
     call_with_retry(client.set_registered_model_alias, model_name, CHALLENGER, mv.version)
     log.info("registered %s version %s (%s export, alias %s)", model_name, mv.version, kind, CHALLENGER)
     return RegisteredVersion(model_name, str(mv.version), run_id, False, f"models:/{model_name}/{mv.version}")

@@ -154,6 +154,27 @@ def test_decide_promotion_names_missing_metric():
         decide_promotion({"exact_match": 1.0}, {"exact_match": 0.0}, metric="char_f1", min_improvement=0, no_regress=[])
 
 
+def test_a_registration_that_lost_a_race_keeps_the_first_version(mlflow_sqlite, noisy_model_dir, monkeypatch):
+    # Two registrars of one model on machines that share only the MLflow server: both search, find
+    # nothing, and create a version. Here the other one's version (1) is made between our search
+    # (forced to miss) and our creation; ours (2) must go, and version 1 must be reported.
+    import mlflow
+
+    import tasks.registry as reg
+
+    rid = _run()
+    other = register_model(noisy_model_dir, model_name="m", run_id=rid, fingerprint="fp1", tags={})
+    monkeypatch.setattr(reg, "_find_by_fingerprint", lambda *a, **k: None)
+    ours = register_model(noisy_model_dir, model_name="m", run_id=_run(), fingerprint="fp1", tags={})
+    assert (other.version, other.existed) == ("1", False)
+    assert (ours.version, ours.existed, ours.run_id) == ("1", True, rid)
+    assert _versions("m") == ["1"]
+    assert str(mlflow.MlflowClient().get_model_version_by_alias("m", "challenger").version) == "1"
+    # a different fingerprint is not a duplicate
+    assert register_model(noisy_model_dir, model_name="m", run_id=_run(), fingerprint="fp2", tags={}).version == "3"
+    assert _versions("m") == ["1", "3"]
+
+
 def test_promotion_and_rollback(mlflow_sqlite, bare_versions):
     import mlflow
 
