@@ -142,6 +142,10 @@ class EvalConfig(_Section):
     batch_size: int = Field(32, ge=1)
     max_samples: int | None = Field(None, ge=1, description="Score at most this many held-out samples.")
     generation: GenerationConfigModel = Field(default_factory=GenerationConfigModel)
+    mlflow_genai: bool = Field(
+        True, description="Also log the per-example scores through MLflow's GenAI evaluation API (a trace with "
+        "assessments per example, in the run's Traces tab). ~0.1 s an example on a SQLite store."
+    )
 
 
 class RegistryConfig(_Section):

@@ -386,7 +386,7 @@ def register(cfg: PipelineConfig, model_dir: str, fingerprint: str, parent_run_i
 
 @task(name="evaluate", retries=0)
 def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
-    from tasks.evaluate import evaluate_model, log_eval_to_mlflow
+    from tasks.evaluate import evaluate_model, log_eval_to_mlflow, log_genai_evaluation
     from tasks.lineage import end_run, start_child_run
 
     logger = get_run_logger()
@@ -396,6 +396,8 @@ def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, e
         max_samples=cfg.eval.max_samples, trust_remote_code=cfg.model.trust_remote_code,
     )
     log_eval_to_mlflow(res, child, label)
+    if cfg.eval.mlflow_genai:
+        log_genai_evaluation(res, child)  # per-example traces with assessments, in the child run
     log_eval_to_mlflow(res, parent_run_id, label)
     end_run(child)
     shown = {k: round(v, 4) for k, v in res.metrics.items() if isinstance(v, float)}

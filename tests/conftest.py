@@ -104,3 +104,4 @@ def _isolate_mlflow_globals():
         except Exception:
             break
     tracking_utils._tracking_uri = None
+    mlflow.tracing.reset()  # the tracer provider keeps the store it was set up with

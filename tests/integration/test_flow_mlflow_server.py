@@ -168,6 +168,15 @@ def test_lineage_on_runs_and_version(runs):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     challenger_id = children["eval-challenger"].info.run_id
     assert "eval/challenger_table.json" in artifacts(challenger_id, "eval")
+    # the same scores through MLflow's GenAI evaluation: an assessed trace per held-out example
+    import mlflow
+
+    mlflow.set_tracking_uri(runs["url"])
+    child = client.get_run(challenger_id)
+    assert child.data.metrics["exact_match/mean"] == pytest.approx(child.data.metrics["challenger/exact_match"])
+    traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=challenger_id, return_type="list")
+    assert len(traces) == child.data.metrics["challenger/n"]
+    assert all({"exact_match", "char_f1", "rouge_l", "bleu"} <= {a.name for a in t.info.assessments} for t in traces)
 
     # the version links back to its run, data and scores
     mv = client.get_model_version(NAME, "1")
@@ -212,6 +221,7 @@ def test_evaluate_flow_records_scores_on_the_version(runs, capsys):
     assert run.data.params["generation.repetition_penalty"] == "1.1"
     assert run.data.tags["ftflow.prefect_flow_run_id"] not in ("", "local")
     assert "eval/eval_table.json" in {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert run.data.metrics["exact_match/mean"] == pytest.approx(run.data.metrics["eval/exact_match"])
     assert client.get_model_version(NAME, "1").tags["ftflow.eval.run_id"] == run.info.run_id
 
 

@@ -265,3 +265,31 @@ def test_generate_cli_streams_the_reply(noisy_model_dir, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert len([p for p in pieces if p]) >= 2, pieces  # written piece by piece, as generated
     assert printed.strip() and "".join(pieces).strip() == printed.strip()
+
+
+def test_genai_evaluation_logs_one_assessed_trace_per_example(mlflow_sqlite):
+    import mlflow
+
+    from infra.local import ensure_experiment
+    from tasks.evaluate import SCORE_KEYS, log_genai_evaluation
+
+    exp = ensure_experiment("t")
+    rid = mlflow.MlflowClient().create_run(exp).info.run_id
+    refs, preds = ["stone cloud", "床前明月光", "a b c"], ["stone cloud", "床前明月", "c b a"]
+    rows = [{"id": str(i), "prompt": f"p{i}", "reference": r, "prediction": p, **score(p, r)}
+            for i, (r, p) in enumerate(zip(refs, preds))]
+    log_genai_evaluation(EvalResult(metrics={}, rows=rows), rid)
+
+    run = mlflow.MlflowClient().get_run(rid)
+    assert run.info.status == "RUNNING"  # the owner of the run finishes it, not the evaluation
+    for key in SCORE_KEYS:  # MLflow's aggregate equals ftflow's own mean
+        assert run.data.metrics[f"{key}/mean"] == pytest.approx(sum(r[key] for r in rows) / len(rows))
+    traces = mlflow.search_traces(locations=[exp], run_id=rid, return_type="list")
+    assert len(traces) == len(rows)
+    got = {}
+    for t in traces:
+        values = {a.name: a.value for a in t.info.assessments if a.name in SCORE_KEYS}
+        response = t.data.response  # the prediction, JSON-encoded by the trace
+        got[json.loads(response) if isinstance(response, str) and response.startswith('"') else response] = values
+    for r in rows:
+        assert got[r["prediction"]] == pytest.approx({k: r[k] for k in SCORE_KEYS}), r
