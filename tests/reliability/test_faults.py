@@ -15,16 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _wait_for(pred, timeout: float = 120.0, step: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
 
 
 def _script(tmp_path: Path, body: str) -> Path:
@@ -59,7 +52,7 @@ def test_kill_during_tokenization_never_leaves_a_cache_hit(tmp_path, canonical_j
     """)
     proc = subprocess.Popen([sys.executable, str(child)], env=_env(tmp_path), stdout=subprocess.PIPE, text=True)
     # The build writes into a hidden temporary folder; kill the process while it exists.
-    assert _wait_for(lambda: cache.exists() and any(p.name.startswith(".tmp-") for p in cache.iterdir())), "build never started"
+    assert wait_for(lambda: cache.exists() and any(p.name.startswith(".tmp-") for p in cache.iterdir())), "build never started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     complete = [p for p in cache.iterdir() if not p.name.startswith(".tmp-")]

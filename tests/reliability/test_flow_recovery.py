@@ -32,6 +32,8 @@ import yaml
 
 from tasks.train_worker import COMPLETE_MARKER
 
+from tests.waiting import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
@@ -41,15 +43,6 @@ SIGTERM_BIT = 1 << (signal.SIGTERM - 1)  # in /proc/PID/status ShdPnd / SigPnd
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _wait_for(pred, timeout: float, step: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
 
 
 class FlowRun:
@@ -220,7 +213,7 @@ def test_rank_sigkilled_in_flow_fails_clearly_then_next_run_resumes(tmp_path_fac
     try:
         # rank 0's step lines reach the flow log; kill rank 1 once step 3 is logged (checkpoint 2
         # is complete, checkpoint 4 not yet begun)
-        assert _wait_for(lambda: f"step {KILL_AFTER}/{STEPS}" in crashed.output() or crashed.proc.poll() is not None, 600), \
+        assert wait_for(lambda: f"step {KILL_AFTER}/{STEPS}" in crashed.output() or crashed.proc.poll() is not None, 600), \
             crashed.output()[-4000:]
         ranks = _ranks(home)
         assert set(ranks) == {0, 1}, f"ranks found: {ranks}\n{crashed.output()[-4000:]}"
@@ -236,7 +229,7 @@ def test_rank_sigkilled_in_flow_fails_clearly_then_next_run_resumes(tmp_path_fac
         assert Path(m.group(1)).is_dir() and str(home) in m.group(1)
         assert re.search(r"--- \S*/1/std(err|out)\.log ---|Root Cause", m.group(2)), m.group(2)[:3000]
         # no torchrun and no rank is left running
-        assert _wait_for(lambda: not any(_alive(p) for p in launched), 30), launched
+        assert wait_for(lambda: not any(_alive(p) for p in launched), 30), launched
         assert _training_procs(home) == []
         # the run is recorded as failed
         import mlflow
@@ -268,12 +261,12 @@ def test_flow_sigkilled_during_checkpoint_save_never_uses_the_partial_checkpoint
     target = f"checkpoint-{2 * SAVE_EVERY}"
     try:
         # Find both ranks once they are training (a process scan is too slow to do inside the save).
-        assert _wait_for(lambda: "step 1/" in killed.output() or killed.proc.poll() is not None, 600), killed.output()[-4000:]
+        assert wait_for(lambda: "step 1/" in killed.output() or killed.proc.poll() is not None, 600), killed.output()[-4000:]
         ranks = _ranks(home)
         assert set(ranks) == {0, 1}, f"ranks found: {ranks}\n{killed.output()[-4000:]}"
         ckpt = _train_dir(home) / "checkpoints" / target
         # checkpoint-4 while it is being written: the folder is there, its completion marker not yet
-        assert _wait_for(lambda: ckpt.is_dir() or killed.proc.poll() is not None, 600, step=0.002), killed.output()[-4000:]
+        assert wait_for(lambda: ckpt.is_dir() or killed.proc.poll() is not None, 600, step=0.002), killed.output()[-4000:]
         # Freeze both ranks where they are, so the flow dies while the save is in progress whatever
         # the timing; they resume once the stop signal has reached them.
         for p in ranks.values():
@@ -283,7 +276,7 @@ def test_flow_sigkilled_during_checkpoint_save_never_uses_the_partial_checkpoint
         killed.proc.wait(timeout=30)
 
         # The ranks are told to stop (torchrun gets SIGTERM when the flow dies and passes it on) ...
-        told = _wait_for(lambda: all(_sigterm_pending_or_gone(p) for p in ranks.values()), 60)
+        told = wait_for(lambda: all(_sigterm_pending_or_gone(p) for p in ranks.values()), 60)
         for p in ranks.values():
             try:
                 p.resume()
@@ -291,7 +284,7 @@ def test_flow_sigkilled_during_checkpoint_save_never_uses_the_partial_checkpoint
                 pass
         assert told, "the training ranks were not stopped when the flow process died"
         # ... and nothing of the training outlives the flow
-        assert _wait_for(lambda: _training_procs(home) == [], 60), _training_procs(home)
+        assert wait_for(lambda: _training_procs(home) == [], 60), _training_procs(home)
         assert not (ckpt / COMPLETE_MARKER).exists(), "the interrupted save was completed after all"
         assert not (ckpt.parent.parent / "final" / COMPLETE_MARKER).exists()
         ckpts = ckpt.parent
@@ -300,7 +293,7 @@ def test_flow_sigkilled_during_checkpoint_save_never_uses_the_partial_checkpoint
         # The next run (the killed flow's temporary Prefect server still running beside it) completes.
         after = FlowRun(home, config, "after-kill")
         # a slot the killed run held would keep it waiting here for ever
-        assert _wait_for(lambda: "'gpu' slot acquired" in after.output() or after.proc.poll() is not None, 300), \
+        assert wait_for(lambda: "'gpu' slot acquired" in after.output() or after.proc.poll() is not None, 300), \
             after.output()[-4000:]
         s = after.summary()
         out = after.output()

@@ -23,16 +23,13 @@ import pytest
 
 from ftflow.config import TrainConfig
 
+from tests.waiting import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _wait_for(pred, timeout: float = 30.0, step: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
+def _wait_for(pred, timeout: float = 30.0) -> bool:
+    return wait_for(pred, timeout, step=0.02)
 
 
 def _lock_is_free(path: Path) -> bool:
