@@ -196,10 +196,15 @@ def _pad_id(tokenizer, stop_ids: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
 
 
-def _generate_kwargs(gen: dict, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
+def _generation(gen: dict | None):
+    """The validated generation settings (unknown keys are rejected with the valid ones named)."""
     from ftflow.config import GenerationConfigModel
 
-    g = GenerationConfigModel.model_validate(gen or {})  # rejects unknown keys with the valid ones named
+    return GenerationConfigModel.model_validate(gen or {})
+
+
+def _generate_kwargs(gen: dict, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
+    g = _generation(gen)
     kw: dict[str, Any] = dict(
         max_new_tokens=g.max_new_tokens,
         do_sample=g.do_sample,
@@ -239,7 +244,7 @@ def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: di
     pad_id = _pad_id(tokenizer, stop_ids)
     kw = _generate_kwargs(gen, stop_ids, pad_id)
     if kw["do_sample"]:  # same seed, prompts and batch size -> the same samples
-        torch.manual_seed(int((gen or {}).get("seed", 0)))
+        torch.manual_seed(_generation(gen).seed)
     stop = set(stop_ids)
     ids = [_prompt_ids(tokenizer, m) for m in prompts_messages]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -490,11 +495,13 @@ def log_genai_evaluation(result: EvalResult, run_id: str) -> None:
 
     data = [{"inputs": {"prompt": row["prompt"]}, "outputs": row["prediction"],
              "expectations": {"expected_response": row["reference"]}} for row in result.rows]
-    if mlflow.get_tracking_uri().startswith("sqlite:"):
-        # SQLite serialises writers: MLflow's 10 scoring threads made 100 examples take 155 s, one takes 10 s.
-        os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
+    # SQLite serialises writers: MLflow's 10 scoring threads made 100 examples take 155 s, one takes
+    # 10 s. For this call only, and only if the user has not chosen a number.
+    one_worker = mlflow.get_tracking_uri().startswith("sqlite:") and "MLFLOW_GENAI_EVAL_MAX_WORKERS" not in os.environ
     t0 = time.perf_counter()
     try:
+        if one_worker:
+            os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"] = "1"
         # The tracer provider binds to the tracking store it first saw; rebind it to the current one.
         mlflow.tracing.reset()
         with _InRun(run_id):
@@ -503,13 +510,16 @@ def log_genai_evaluation(result: EvalResult, run_id: str) -> None:
         log.warning("MLflow GenAI evaluation of run %s failed (%s: %s); the eval table and metrics are "
                     "logged, only the per-example traces are missing", run_id, type(err).__name__, err)
         return
+    finally:
+        if one_worker:
+            del os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"]
     log.info("MLflow GenAI evaluation: %d assessed traces in run %s (%.1f s)", len(data), run_id, time.perf_counter() - t0)
 
 
 def scored_inference_run(model_ref: str, eval_jsonl: str | Path, *, gen: dict, batch_size: int,
                          max_samples: int | None, experiment_id: str, run_name: str,
                          tags: dict[str, str] | None = None, trust_remote_code: bool = False,
-                         record: bool = True, genai: bool = True) -> dict[str, Any]:
+                         record: bool = True) -> dict[str, Any]:
     """A standalone scored inference run: one MLflow run holding what was scored, how, and the scores.
 
     Params: model ref, data file and its sha256, batch size, max samples, generation settings.
@@ -540,8 +550,7 @@ def scored_inference_run(model_ref: str, eval_jsonl: str | Path, *, gen: dict, b
         result = evaluate_model(ref, eval_jsonl, gen=g, batch_size=batch_size, max_samples=max_samples,
                                 trust_remote_code=trust_remote_code)
         log_eval_to_mlflow(result, run_id, "eval")
-        if genai:
-            log_genai_evaluation(result, run_id)
+        log_genai_evaluation(result, run_id)
         if resolved and record:
             record_eval(resolved[0], resolved[1], run_id, result.metrics)
     except BaseException:
