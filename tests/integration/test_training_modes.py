@@ -87,6 +87,33 @@ def test_full_finetuning_two_ranks_reloads_exactly(zero, setup, tmp_path):
         assert torch.equal(exported[k], eager[k]), k
 
 
+def test_bf16_zero3_export_is_verified_in_the_training_precision(setup, tmp_path):
+    """bf16 ranks keep fp32 master weights; the export (fp32 masters) reloaded in bf16 must give the
+    ranks' logits to bf16 rounding, and a wrong export must still fail the check."""
+    from tasks.consolidate import ConsolidationError, verify_export
+
+    model_dir, _, _, refs = setup
+    s = train(setup, tmp_path, mode="full", deepspeed="configs/deepspeed/zero3.json", nproc_per_node=2, precision="bf16")
+    assert s["precision"] == "bf16" and s["world_size"] == 2
+    out = consolidate(s["final_dir"], model_dir, tmp_path / "export", mode="full")
+    exported = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in exported.values()} == {torch.float32}  # the masters, not the bf16 working copy
+    ref = reference(s["final_dir"])
+    tolerance = 2 * torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+    diff = verify_export(out, s["final_dir"], refs)
+    assert diff is not None and diff <= tolerance
+    # Compared in fp32 the same export misses the fp32 tolerance (the bf16 gap): why the check uses
+    # the training precision (before, every bf16 run failed here).
+    fp32 = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), refs)
+    assert (fp32 - ref).abs().max().item() > 1e-4
+
+    # The untrained base in place of the export is caught.
+    wrong = tmp_path / "wrong"
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(wrong)
+    with pytest.raises(ConsolidationError, match="compared in bf16"):
+        verify_export(wrong, s["final_dir"], refs)
+
+
 def test_lora_zero3_two_ranks_exports_complete_adapter_and_merged_model(setup, tmp_path, mlflow_sqlite):
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, LoraConfig
 
