@@ -10,6 +10,7 @@ Parts (each also runs alone as `python -m bench.bench_X`, see its docstring):
 - inference: seed 004's one-prompt loop vs batched generation;
 - train: seed recipe vs TRL SFTTrainer vs ftflow's training path (trained tokens/s, loss, RSS);
 - train_gpu: Qwen2.5-0.5B shape, bf16, packed, MFU (skipped with a message when there is no CUDA);
+- kernels: torch.compile, bf16 autocast and a chunked LM-head loss against the eager fp32 step;
 - pipeline: orchestration overhead of `ftflow run` (flow wall time minus the stages' own compute).
 Each part writes bench/results/<part>.json; the suite writes bench/results/suite.json.
 """
@@ -33,6 +34,7 @@ PARTS = {  # part: (module, full-size args, quick args, result file)
     "inference": ("bench.bench_inference", ["--threads", "1"], ["--threads", "1", "--max-new-tokens", "32"], "inference.json"),
     "train": ("bench.bench_train", [], ["--quick"], "train.json"),  # --quick writes train_quick.json
     "train_gpu": ("bench.bench_train", ["--gpu"], ["--gpu"], "train_gpu.json"),
+    "kernels": ("bench.bench_kernels", [], ["--repeats", "1", "--samples", "24", "--tokens", "1024"], "kernels.json"),
     "pipeline": ("bench.bench_pipeline", [], ["--quick"], "pipeline.json"),
 }
 
@@ -66,6 +68,19 @@ def headline(part: str, r: dict) -> list[tuple[str, str, str]]:
         return [("train GPU (0.5B, bf16, packed)", f"{r['trained_tokens_per_s']:,} trained tok/s, MFU {r['mfu_vs_spec']} of "
                  f"{r['spec_bf16_tflops']} TFLOP/s ({r['mfu_vs_measured_matmul']} of measured matmul), "
                  f"{r['peak_memory_gib']} GiB", "MFU >= 40%")]
+    if part == "kernels":
+        rows = []
+        if "train_step" in r:
+            med, diff = r["train_step"]["median"], r["train_step"]["max_abs_loss_diff_vs_eager"]
+            for v in ("compiled", "bf16"):
+                if v in med:
+                    rows.append((f"kernels {v} vs eager step", f"{med['eager']['step_s'] / med[v]['step_s']:.2f}x "
+                                 f"(first step {med[v]['first_step_s']:.1f}s, max |loss diff| {diff[v]:.1e})", ""))
+        if "loss" in r:
+            med = r["loss"]["median"]
+            rows.append(("kernels chunked vs full LM-head loss", f"{med['full']['seconds'] / med['chunked']['seconds']:.2f}x speed, "
+                         f"{med['chunked']['peak_over_inputs_mb'] / med['full']['peak_over_inputs_mb']:.2f}x peak memory", ""))
+        return rows
     if part == "pipeline":
         m = r["median"]
         return [("pipeline orchestration overhead", f"{m['overhead_s']:.1f}s of {m['wall_s']:.1f}s wall = "
