@@ -234,10 +234,13 @@ def verify_export(out_dir: str | Path, final_dir: str | Path, reference_inputs: 
     """Compare the exported model's logits with those the ranks computed at the end of training.
 
     The export holds the fp32 master weights. The ranks computed their reference with the weights
-    they trained in, so a bf16/fp16 run is checked in that precision: the export loaded in bf16
-    is the ranks' model up to rounding, and the tolerance is then 2 units of that precision at the
+    they trained in (DeepSpeed bf16/fp16: half-precision working copies of those masters) and
+    record that precision in the file, so the check runs in it: the export loaded in bf16 is the
+    ranks' model up to rounding, and the tolerance is then 2 units of that precision at the
     largest logit (measured on the demo: 0.047 of a tolerance of 0.13, while fp32 against a bf16
-    reference differs by 0.15). Q-LoRA's reference is the fp32 base with the adapter: fp32, `atol`.
+    reference differs by 0.15). bf16/fp16 runs without DeepSpeed keep fp32 weights and compute under
+    the Trainer's autocast: checked under the same autocast, with the same tolerance (on CPU the
+    difference is ~1e-6). fp32 runs and Q-LoRA's unquantised base: fp32, within `atol`.
 
     Skipped (None) when there is no reference or the model is larger than `max_bytes` (loading a
     7B model a second time just to check it is the consolidate test's job, not every run's).
@@ -251,19 +254,24 @@ def verify_export(out_dir: str | Path, final_dir: str | Path, reference_inputs: 
         weights += sum(f.stat().st_size for f in base.glob("*.safetensors")) if base.is_dir() else max_bytes + 1
     if not reference_inputs or not ref_file.is_file() or weights == 0 or weights > max_bytes:
         return None
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    summary_file = final_dir / "train_summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    precision = "fp32" if summary.get("mode") == "qlora" else summary.get("precision", "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    with safe_open(str(ref_file), "pt") as f:  # the ranks record the precision they computed it in
+        meta = f.metadata() or {}
+    halves = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    precision, autocast = meta.get("dtype", "float32"), meta.get("autocast", "")
+    dtype = halves.get(precision, torch.float32)
     ref = load_file(str(ref_file))["logits"]
-    if dtype != torch.float32:
-        atol = 2 * torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
+    half = dtype if dtype != torch.float32 else halves.get(autocast)
+    if half is not None:  # half-precision compute (the ranks' may be CUDA kernels, this check's CPU ones)
+        atol = 2 * torch.finfo(half).eps * max(1.0, ref.abs().max().item())
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=halves.get(autocast, torch.bfloat16), enabled=autocast in halves):
         got = torch.cat([model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float() for ids in reference_inputs])
+    if autocast in halves:
+        precision = f"{precision} under {autocast} autocast"
     diff = (got - ref).abs().max().item()
     if diff > atol:
         raise ConsolidationError(

@@ -108,6 +108,11 @@ def load_model(job: Job, args, attn_implementation: str = "sdpa") -> torch.nn.Mo
 
     t = job.train
     dtype = _dtype(t["precision"])
+    if t["mode"] == "full" and not job.deepspeed_config and dtype != torch.float32:
+        # Without DeepSpeed nothing would keep fp32 master weights: bf16 weights would lose every
+        # update below their rounding step (lr 1e-5 x a 0.02 weight). Keep the weights in fp32 and
+        # let the Trainer's autocast run the compute in bf16/fp16. (LoRA adapters are fp32 anyway.)
+        dtype = torch.float32
     kwargs: dict[str, Any] = dict(
         dtype=dtype, trust_remote_code=job.trust_remote_code, revision=job.revision,
         attn_implementation=attn_implementation,
@@ -371,14 +376,20 @@ def main(job_path: str) -> int:
         from safetensors.torch import save_file
 
         logits = reference_logits(trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model, job.reference_inputs)
+        # The precision the reference was computed in travels with it, so the export is checked in
+        # it: the weights' dtype, and the Trainer's autocast (which stays on the model's forward)
+        # when bf16/fp16 runs without DeepSpeed.
+        computed_in = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")
+        autocast = "" if t["precision"] == "fp32" or trainer.is_deepspeed_enabled else str(_dtype(t["precision"])).removeprefix("torch.")
         if rank() == 0 and t["mode"] == "qlora":
             # The export is the adapter for the UN-quantised base, so its reference is that base (fp32,
             # from disk) with the adapter tensors as trained here; the 4-bit model's own logits are kept
             # alongside to show the quantisation gap.
             save_file({"logits": logits.contiguous()}, str(final / "reference_logits_quantized.safetensors"))
-            logits = unquantised_reference_logits(job, trainer.model, job.reference_inputs)
+            logits, computed_in, autocast = unquantised_reference_logits(job, trainer.model, job.reference_inputs), "float32", ""
         if rank() == 0:
-            save_file({"logits": logits.contiguous()}, str(final / "reference_logits.safetensors"))
+            save_file({"logits": logits.contiguous()}, str(final / "reference_logits.safetensors"),
+                      metadata={"dtype": computed_in, "autocast": autocast})
     if rank() == 0:
         summary = {
             "global_step": trainer.state.global_step,

@@ -110,8 +110,26 @@ def test_bf16_zero3_export_is_verified_in_the_training_precision(setup, tmp_path
     # The untrained base in place of the export is caught.
     wrong = tmp_path / "wrong"
     AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(wrong)
-    with pytest.raises(ConsolidationError, match="compared in bf16"):
+    with pytest.raises(ConsolidationError, match="compared in bfloat16"):
         verify_export(wrong, s["final_dir"], refs)
+
+
+def test_bf16_without_deepspeed_trains_fp32_weights_under_autocast(setup, tmp_path):
+    """No DeepSpeed, so no master weights: the weights stay fp32 (compute in bf16 autocast) and the
+    export is checked in fp32 to 1e-5."""
+    from tasks.consolidate import verify_export
+
+    model_dir, _, _, refs = setup
+    s = train(setup, tmp_path, mode="full", deepspeed=None, nproc_per_node=1, precision="bf16")
+    assert s["precision"] == "bf16" and s["deepspeed_stage"] is None
+    out = consolidate(s["final_dir"], model_dir, tmp_path / "export", mode="full")
+    exported = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in exported.values()} == {torch.float32}
+    base = load_file(str(Path(model_dir) / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(exported[key], base[key].float())  # trained
+    diff = verify_export(out, s["final_dir"], refs, atol=ATOL)
+    assert diff is not None and diff <= ATOL
 
 
 def test_lora_zero3_two_ranks_exports_complete_adapter_and_merged_model(setup, tmp_path, mlflow_sqlite):

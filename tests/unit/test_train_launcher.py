@@ -13,6 +13,8 @@ from ftflow.config import TrainConfig
 from tasks.train import TrainingFailed, clean_partial_checkpoints, kill_group, launch, torchrun_command, train_key
 from tasks.train_worker import COMPLETE_MARKER, fill_deepspeed_config, latest_complete_checkpoint
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def test_train_key_ignores_launch_only_settings():
     base = TrainConfig()
@@ -116,13 +118,19 @@ def test_lora_options_take_effect(tiny_model_dir):
 
 
 def test_precision_sets_the_weights_dtype(tiny_model_dir):
+    """With DeepSpeed the ranks hold bf16 weights (DeepSpeed keeps the fp32 masters); without it a
+    full run keeps fp32 weights and trains under autocast, or bf16 weights would lose small updates."""
     import torch
 
     from tasks.train_worker import load_model
 
-    model = load_model(_job(tiny_model_dir, mode="full", precision="bf16"), None)
+    job = _job(tiny_model_dir, mode="full", precision="bf16")
+    job.deepspeed_config = json.loads((REPO / "configs/deepspeed/zero2.json").read_text())
+    model = load_model(job, None)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config.use_cache is False
+    plain = load_model(_job(tiny_model_dir, mode="full", precision="bf16", deepspeed=None, nproc_per_node=1), None)
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
 
 
 def test_qlora_loads_nf4_double_quant_base_with_trainable_adapter(tiny_model_dir):
