@@ -16,8 +16,9 @@ the same thing before its speed counts:
   steps needed to earn the compilation back.
 - loss: the LM head and cross-entropy of a Qwen2.5-0.5B-shaped model (hidden 896, vocabulary
   151,936) on one packed micro-batch (2,048 tokens, a third of them prompt), forward + backward:
-  transformers' way (all logits at once, upcast to fp32) vs chunked (the head and the loss one chunk
-  of tokens at a time under activation checkpointing, so no chunk's logits outlive it). Figures:
+  transformers' `ForCausalLMLoss` (all logits at once, upcast to fp32) vs ftflow's
+  `tasks.loss.chunked_causal_lm_loss` (`train.loss_chunk_tokens`: the head and the loss one chunk of
+  trained tokens at a time under activation checkpointing, prompt positions skipped). Figures:
   seconds, peak RSS above the inputs, the loss and the gradients of both (must agree).
 - bf16: the compile part's training step in fp32 vs under CPU bf16 autocast (the machine has
   avx512_bf16): step time and the loss difference.
@@ -133,46 +134,41 @@ def train_steps(batches: list[dict], variant: str, threads: int) -> dict:
 
 
 def head_inputs(tokens: int, seed: int = 0):
+    """(1, T, H) hidden states, a (V, H) head and (1, T) labels, a third of them prompt (-100)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(tokens, QWEN_HEAD["hidden"], generator=g)
-    weight = torch.randn(QWEN_HEAD["vocab"], QWEN_HEAD["hidden"], generator=g) * 0.02
-    labels = torch.randint(0, QWEN_HEAD["vocab"], (tokens,), generator=g)
-    labels[torch.rand(tokens, generator=g) < 1 / 3] = -100  # prompt tokens
-    return hidden, weight, labels
-
-
-def _chunk_loss(h, weight, labels):
-    import torch.nn.functional as F
-
-    return F.cross_entropy((h @ weight.T).float(), labels, ignore_index=-100, reduction="sum")  # (c, V) lives here only
+    hidden = torch.randn(1, tokens, QWEN_HEAD["hidden"], generator=g)
+    head = torch.nn.Linear(QWEN_HEAD["hidden"], QWEN_HEAD["vocab"], bias=False)
+    head.weight.data = torch.randn(QWEN_HEAD["vocab"], QWEN_HEAD["hidden"], generator=g) * 0.02
+    labels = torch.randint(0, QWEN_HEAD["vocab"], (1, tokens), generator=g)
+    labels[torch.rand(1, tokens, generator=g) < 1 / 3] = -100
+    return hidden, head, labels
 
 
 def head_loss(tokens: int, variant: str, chunk: int, threads: int) -> dict:
-    """Forward + backward of LM head + cross-entropy over `tokens` positions."""
+    """Forward + backward of LM head + cross-entropy over `tokens` positions: transformers'
+    ForCausalLMLoss on all logits, or ftflow's `tasks.loss.chunked_causal_lm_loss`."""
     import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from tasks.loss import chunked_causal_lm_loss
 
     torch.set_num_threads(threads)
-    hidden, weight, labels = head_inputs(tokens)
+    hidden, head, labels = head_inputs(tokens)
     hidden.requires_grad_(True)
-    weight.requires_grad_(True)
     base = _peak_rss_reset()
     t0 = time.perf_counter()
-    n = int((labels != -100).sum())
-    if variant == "full":  # what transformers' ForCausalLMLoss does: (T, V) logits, upcast to fp32
-        loss = F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100, reduction="sum") / n
+    if variant == "full":
+        loss = ForCausalLMLoss(head(hidden), labels, vocab_size=QWEN_HEAD["vocab"])
     else:
-        loss = sum(checkpoint(_chunk_loss, hidden[a:a + chunk], weight, labels[a:a + chunk], use_reentrant=False)
-                   for a in range(0, tokens, chunk)) / n
+        loss = chunked_causal_lm_loss(hidden, head, labels, chunk)
     loss.backward()
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "peak_over_inputs_mb": _rss()[1] - base, "loss": float(loss.detach()),
-            "grad_hidden": hidden.grad.double().sum().item(), "grad_weight": weight.grad.double().sum().item(),
             "grad_hidden_abs": hidden.grad.abs().double().sum().item(),
-            "grad_sample": hidden.grad[:4, :4].tolist()}
+            "grad_weight_abs": head.weight.grad.abs().double().sum().item(),
+            "grad_sample": hidden.grad[0, :4, :4].tolist()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         f, c = runs["full"][0], runs["chunked"][0]
         agree = {"loss": abs(f["loss"] - c["loss"]),
                  "grad_hidden_rel": abs(f["grad_hidden_abs"] - c["grad_hidden_abs"]) / f["grad_hidden_abs"],
+                 "grad_weight_rel": abs(f["grad_weight_abs"] - c["grad_weight_abs"]) / f["grad_weight_abs"],
                  "grad_sample_max_abs": max(abs(a - b) for ra, rb in zip(f["grad_sample"], c["grad_sample"]) for a, b in zip(ra, rb))}
         result["loss"] = {"tokens": args.tokens, "chunk": args.chunk, **QWEN_HEAD, "median": med, "agreement": agree,
                           "seconds_runs": {v: [round(r["seconds"], 2) for r in rs] for v, rs in runs.items()}}

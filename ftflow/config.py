@@ -118,6 +118,11 @@ class TrainConfig(_Section):
         True, description="batching=padded only: batch samples of similar length (less padding, faster). Turn off for data whose lengths "
         "fall into a few classes: every batch would then hold one class, which slows learning."
     )
+    loss_chunk_tokens: int = Field(
+        0, ge=0, description="Compute the LM head and loss this many trained tokens at a time (0: all at once, as "
+        "transformers does). Saves the (tokens x vocabulary) fp32 logits, 0.6 MB a token with Qwen's vocabulary, "
+        "for a second forward of the head; same loss (tasks/loss.py, bench/RESULTS.md)."
+    )
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     logging_steps: int = Field(5, ge=1)

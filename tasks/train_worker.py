@@ -243,6 +243,31 @@ def build_callbacks(job: Job, collator, trainable: int, total: int):
 
 
 @torch.no_grad()
+def chunked_loss_trainer(model: torch.nn.Module, chunk_tokens: int):
+    """A Trainer class and its kwargs computing the loss with `tasks.loss.chunked_causal_lm_loss`.
+
+    The model runs as usual but returns the final hidden states and the logits of one position
+    only (`logits_to_keep=1`); the loss goes through the Trainer's `compute_loss_func`, so its
+    scaling (num_items_in_batch, gradient accumulation, ranks) is the Trainer's own. The head is
+    called as a module, chunk by chunk, so ZeRO-3 gathers its weight the way it gathers any layer.
+    """
+    from transformers import Trainer
+
+    from tasks.loss import chunked_causal_lm_loss
+
+    head = model.get_output_embeddings()
+
+    class ChunkedLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {**inputs, "output_hidden_states": True, "logits_to_keep": 1}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        return chunked_causal_lm_loss(outputs.hidden_states[-1], head, labels, chunk_tokens, num_items_in_batch)
+
+    return ChunkedLossTrainer, {"compute_loss_func": loss}
+
+
 def reference_logits(model: torch.nn.Module, inputs: list[list[int]]) -> torch.Tensor:
     """Logits of the trained model on fixed inputs, every rank taking part (ZeRO-3 gathers per layer)."""
     model.eval()
@@ -349,12 +374,17 @@ def main(job_path: str) -> int:
 
     dataset = load_from_disk(job.dataset_path)
     collator = PackedCollator() if batching == "packed" else PaddedCollator(pad_token_id=job.pad_token_id)
-    trainer = Trainer(
+    trainer_class, loss_kwargs = Trainer, {}
+    if t["loss_chunk_tokens"]:
+        trainer_class, loss_kwargs = chunked_loss_trainer(model, t["loss_chunk_tokens"])
+        log.info("loss: LM head + cross-entropy %d trained tokens at a time", t["loss_chunk_tokens"])
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         callbacks=build_callbacks(job, collator, trainable, total),
+        **loss_kwargs,
     )
     if job.resume_from:
         log.info("resuming from %s", job.resume_from)
@@ -399,6 +429,8 @@ def main(job_path: str) -> int:
             "total_parameters": total,
             "world_size": world,
             "batching": batching,
+            # what computed the loss: the model's own (transformers) or tasks.loss, chunked
+            "loss": f"chunked:{t['loss_chunk_tokens']}" if trainer.compute_loss_func is not None else "model",
             "deepspeed_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
             "mode": t["mode"],
             "precision": t["precision"],

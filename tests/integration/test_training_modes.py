@@ -132,6 +132,18 @@ def test_bf16_without_deepspeed_trains_fp32_weights_under_autocast(setup, tmp_pa
     assert diff is not None and diff <= ATOL
 
 
+def test_chunked_loss_under_zero3_gives_the_same_losses(setup, tmp_path):
+    """ZeRO-3 gathers the (tied, partitioned) head once per chunk: same losses as the model's loss."""
+    runs = {}
+    for chunk in (0, 8):
+        s = train(setup, tmp_path / f"chunk{chunk}", mode="full", deepspeed="configs/deepspeed/zero3.json",
+                  nproc_per_node=2, loss_chunk_tokens=chunk)
+        assert s["loss"] == (f"chunked:{chunk}" if chunk else "model")
+        runs[chunk] = [h["loss"] for h in s["log_history"] if "loss" in h]
+    assert len(runs[0]) == 3
+    torch.testing.assert_close(runs[8], runs[0], rtol=1e-5, atol=1e-6)
+
+
 def test_lora_zero3_two_ranks_exports_complete_adapter_and_merged_model(setup, tmp_path, mlflow_sqlite):
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, LoraConfig
 
