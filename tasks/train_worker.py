@@ -242,7 +242,6 @@ def build_callbacks(job: Job, collator, trainable: int, total: int):
     return callbacks
 
 
-@torch.no_grad()
 def chunked_loss_trainer(model: torch.nn.Module, chunk_tokens: int):
     """A Trainer class and its kwargs computing the loss with `tasks.loss.chunked_causal_lm_loss`.
 
@@ -268,6 +267,7 @@ def chunked_loss_trainer(model: torch.nn.Module, chunk_tokens: int):
     return ChunkedLossTrainer, {"compute_loss_func": loss}
 
 
+@torch.no_grad()
 def reference_logits(model: torch.nn.Module, inputs: list[list[int]]) -> torch.Tensor:
     """Logits of the trained model on fixed inputs, every rank taking part (ZeRO-3 gathers per layer)."""
     model.eval()
