@@ -11,9 +11,12 @@ max_length 1024; `--workload uniform` is the older one (3-60 word prompts, 1-150
 max_length 512). Seed runs and cold builds are interleaved, each figure a median of repeats:
 1. seed: seed 000's `preprocess` (Qwen finetune.py), reimplemented faithfully: several tokenizer
    calls per message, every sample padded to max_len, one big tensor at the end;
-2. cold: `tokenize_dataset` into an empty cache (render, batched encode with offsets, labels,
-   save_to_disk, stats);
-3. hit: `tokenize_dataset` again (hash the inputs, read stats.json back);
+2. cold: `tokenize_dataset` into an empty cache (render, batched encode, labels, save_to_disk,
+   stats), as ftflow runs it: the encode in a child process on mimalloc/jemalloc when one is
+   installed (`tasks.encode_process`);
+3. cold, in process: the same with `FTFLOW_TOKENIZER_MALLOC=off` (the encode on this process's
+   glibc malloc), side by side, so the allocator's share is measured, not assumed;
+4. hit: `tokenize_dataset` again (hash the inputs, read stats.json back);
 and, for scale, the Rust tokenizer alone on the rendered texts: a floor every method pays.
 Imports and the tokenizer's first load are warmed up on a small file first, for every method.
 Results go to bench/results/tokenize.json. Goals: cold >= 5x seed, hit >= 20x faster than cold.
@@ -110,14 +113,30 @@ def run_seed(jsonl: Path, tokenizer, max_len: int = MAX_LEN) -> tuple[float, flo
     return time.perf_counter() - t0, time.process_time() - c0, int(out["attention_mask"].sum())
 
 
-def run_ftflow(jsonl: Path, model_dir: str, cache_root: Path, max_len: int = MAX_LEN):
-    """Wall seconds, CPU seconds (all threads) and the TokenizeResult of one call."""
+def run_ftflow(jsonl: Path, model_dir: str, cache_root: Path, max_len: int = MAX_LEN, malloc: str = "auto"):
+    """Wall seconds, CPU seconds (this process's threads and the encode child) and the
+    TokenizeResult of one call; `malloc` is FTFLOW_TOKENIZER_MALLOC for the call."""
+    import resource
+
+    from tasks.encode_process import ENV
     from tasks.tokenize import tokenize_dataset
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    # truncate, like the seed (which cuts every sample at max_len), so both keep the same rows.
-    result = tokenize_dataset(jsonl, model_dir, cache_root=cache_root, max_length=max_len, length_policy="truncate")
-    return time.perf_counter() - t0, time.process_time() - c0, result
+    def cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    before = os.environ.get(ENV)
+    os.environ[ENV] = malloc
+    try:
+        t0, c0 = time.perf_counter(), cpu()
+        # truncate, like the seed (which cuts every sample at max_len), so both keep the same rows.
+        result = tokenize_dataset(jsonl, model_dir, cache_root=cache_root, max_length=max_len, length_policy="truncate")
+        return time.perf_counter() - t0, cpu() - c0, result
+    finally:
+        if before is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = before
 
 
 def tokenizer_floor(jsonl: Path, tokenizer) -> tuple[float, float]:
@@ -128,6 +147,12 @@ def tokenizer_floor(jsonl: Path, tokenizer) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _same_dataset(a: Path, b: Path) -> bool:
+    from datasets import load_from_disk
+
+    return load_from_disk(str(a)).data.table.equals(load_from_disk(str(b)).data.table)
 
 
 def generate_sft(path: Path, rows: int, tokenizer, seed: int = 0) -> None:
@@ -172,25 +197,30 @@ def main(argv: list[str] | None = None) -> int:
         run_seed(warm, tokenizer, max_len)
         run_ftflow(warm, model_dir, tmp / "warm-cache", max_len)
 
-        seeds, cold = [], []
-        for k in range(args.repeats):  # interleaved, so a load spike hits both methods alike
+        seeds, cold, inproc = [], [], []
+        for k in range(args.repeats):  # interleaved, so a load spike hits every method alike
             seeds.append(run_seed(jsonl, tokenizer, max_len))
             cold.append(run_ftflow(jsonl, model_dir, tmp / f"cache-{k}", max_len))
+            inproc.append(run_ftflow(jsonl, model_dir, tmp / f"cache-inproc-{k}", max_len, malloc="off"))
         seed_tokens = seeds[0][2]
         seed_s, seed_cpu = statistics.median(w for w, _, _ in seeds), statistics.median(c for _, c, _ in seeds)
         per_repeat = [round(s_[0] / c_[0], 2) for s_, c_ in zip(seeds, cold)]
-        assert not any(r.hit for _, _, r in cold)
+        assert not any(r.hit for _, _, r in cold + inproc)
+        encoder = cold[0][2].stats["encoder"]
+        same = _same_dataset(cold[0][2].path, inproc[0][2].path)
         hits = [run_ftflow(jsonl, model_dir, tmp / "cache-0", max_len) for _ in range(max(args.repeats, 5))]
         assert all(r.hit for _, _, r in hits)
         floor_s, floor_cpu = tokenizer_floor(jsonl, tokenizer)
         stats = cold[0][2].stats
         cold_s, cold_cpu = statistics.median(w for w, _, _ in cold), statistics.median(c for _, c, _ in cold)
         hit_s, hit_cpu = statistics.median(w for w, _, _ in hits), statistics.median(c for _, c, _ in hits)
+        inproc_s, inproc_cpu = statistics.median(w for w, _, _ in inproc), statistics.median(c for _, c, _ in inproc)
 
     tokens = stats["tokens"]
     table = [  # (name, wall s, cpu s, tokens)
         ("seed", "seed 000 preprocess loop", seed_s, seed_cpu, seed_tokens),
         ("cold", "ftflow cold build", cold_s, cold_cpu, tokens),
+        ("cold_in_process", "  (encode in process)", inproc_s, inproc_cpu, tokens),
         ("hit", "ftflow cache hit", hit_s, hit_cpu, tokens),
         ("tokenizer_floor", "(tokenizer alone)", floor_s, floor_cpu, tokens),
     ]
@@ -200,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_length": max_len,
         "repeats": args.repeats,
         "cold_vs_seed_per_repeat": per_repeat,
+        "encoder": encoder,
+        "cold_vs_in_process": round(inproc_s / cold_s, 2),
+        "same_dataset_both_encoders": same,
         "samples_kept": stats["samples"],
         "samples_truncated": stats["truncated"],
         "tokens": tokens,
@@ -229,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{name:<26}{w:>9.3f}{c:>9.3f}{args.rows / w:>12,.0f}{n / w:>14,.0f}"
                      f"{seed_s / w:>12.1f} / {seed_cpu / max(c, 1e-6):.1f}")
     lines += ["", f"cold vs seed: {result['cold_vs_seed']} (goal >= 5; per repeat, wall: {per_repeat}); hit vs cold: {result['hit_vs_cold']} (goal >= 20)",
-              f"share of the cold build spent inside the Rust tokenizer: {result['cold_share_in_tokenizer']}",
+              f"encoder: {encoder}; {result['cold_vs_in_process']}x the in-process encode, "
+              f"datasets identical: {same}",
+              f"share of the cold build spent inside the Rust tokenizer (this process): {result['cold_share_in_tokenizer']}",
               f"written to {args.out}"]
     print("\n".join(lines))  # the benchmark's report is its output
     return 0

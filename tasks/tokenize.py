@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftflow.utils import atomic_dir, sha256_file, sha256_json, state_dir
+from tasks.encode_process import EncodeProcess, EncodeProcessError, find_malloc
 from tasks.templates import BUILTIN_TEMPLATES, Renderer, TemplateError, special_tokens, resolve_template
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 TOKENIZE_CODE_VERSION = "2"  # bump when the tokens or labels this module writes change
 IGNORE_INDEX = -100
 CHUNK_ROWS = 1024  # rows rendered and encoded per batched tokenizer call
+ENCODE_PROCESS_MIN_BYTES = 1 << 20  # JSONL size from which the encode runs in a child on a faster malloc
 # Files that decide how text becomes tokens; each one present is part of the cache key.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -226,7 +228,8 @@ class _Chunk:
     texts: list[str] = field(default_factory=list)
     spans: list[list[tuple[int, int]]] = field(default_factory=list)
     metas: list[tuple[str, int]] = field(default_factory=list)  # (sample id, line)
-    ids: list[list[int]] | None = None
+    flat: Any = None  # the chunk's token ids, one flat int64 array (encode)
+    counts: Any = None  # tokens per text (int64)
     offsets: list[list[tuple[int, int]]] | None = None  # only when byte lengths cannot give them
 
 
@@ -243,6 +246,8 @@ class _Builder:
         self.renderer = Renderer(tokenizer, template_text)
         self.backend = tokenizer.backend_tokenizer
         self.byte_lengths = _token_byte_lengths(self.backend)
+        self.encoder: EncodeProcess | None = None  # set by _build for large inputs
+        self.encoder_name = "in process"
         self.eos = tokenizer.eos_token or ""
         specials = sorted(special_tokens(tokenizer), key=len, reverse=True)
         self.special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
@@ -296,11 +301,25 @@ class _Builder:
         self.rejects.append({"id": sid, "line": line, "reason": reason, "detail": detail, "length": length})
 
     def encode(self, chunk: _Chunk) -> None:
-        """The tokenizer's part of a chunk (one batched call; the GIL is released while it runs)."""
+        """The tokenizer's part of a chunk: one batched call, in the child process on a faster malloc
+        when there is one (`tasks.encode_process`), else here (the GIL is released while it runs)."""
+        import numpy as np
+
+        if self.encoder is not None:
+            try:
+                flat, counts, chunk.offsets = self.encoder.encode(chunk.texts)
+                chunk.flat = np.frombuffer(flat, dtype=np.int32).astype(np.int64)
+                chunk.counts = np.frombuffer(counts, dtype=np.int64)
+                return
+            except EncodeProcessError as err:
+                log.warning("%s; encoding the rest in this process (same tokens, slower)", err)
+                self.encoder, self.encoder_name = None, "in process (the tokenizer process failed)"
         fast = self.byte_lengths is not None
         encodings = (self.backend.encode_batch_fast if fast else self.backend.encode_batch)(
             chunk.texts, add_special_tokens=False)
-        chunk.ids = [e.ids for e in encodings]
+        ids = [e.ids for e in encodings]
+        chunk.counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        chunk.flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(chunk.counts.sum()))
         chunk.offsets = None if fast else [e.offsets for e in encodings]
 
     def _token_spans(self, chunk: _Chunk):
@@ -311,12 +330,10 @@ class _Builder:
         """
         import numpy as np
 
-        texts, spans, ids = chunk.texts, chunk.spans, chunk.ids
+        texts, spans, flat, counts = chunk.texts, chunk.spans, chunk.flat, chunk.counts
         fast = chunk.offsets is None
-        counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        starts = np.zeros(len(ids) + 1, dtype=np.int64)
+        starts = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
-        flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(starts[-1]))
         ranges: list[tuple[int, int]] = []  # global token indices into `flat`
         if fast:
             ends = np.cumsum(self.byte_lengths[flat])  # byte offset where each token ends (chunk-global)
@@ -541,13 +558,32 @@ def _chunks(items: Iterator[tuple[int, Any]], size: int) -> Iterator[list[tuple[
         yield chunk
 
 
-def _build(builder: _Builder, items: Iterator[tuple[int, Any]], t0: float) -> None:
+def _build(builder: _Builder, items: Iterator[tuple[int, Any]], t0: float, malloc: str | None = None) -> None:
     """Feed every row through the builder, the tokenizer overlapping Python's work.
 
-    While the Rust tokenizer encodes chunk k on a background thread (it releases the GIL), this
-    thread finishes chunk k-1 and reads and renders chunk k+1: on two cores a third faster than
-    doing the steps one after another, and the same rows, in the same order, either way.
+    While the Rust tokenizer encodes chunk k on a background thread (it releases the GIL), or in
+    the child process that runs it on `malloc` (`tasks.encode_process`), this thread finishes
+    chunk k-1 and reads and renders chunk k+1: on two cores a third faster than doing the steps one
+    after another, and the same rows, in the same order, either way.
     """
+    encoder = None
+    if malloc is not None:
+        try:
+            encoder = builder.encoder = EncodeProcess(builder.backend, with_offsets=builder.byte_lengths is None,
+                                                      malloc=malloc)
+        except EncodeProcessError as err:
+            log.warning("%s; encoding in this process (same tokens, slower)", err)
+    try:
+        _feed(builder, items, t0)
+    finally:
+        if encoder is not None:
+            if builder.encoder is not None:  # else it failed and the builder says so
+                builder.encoder_name = encoder.describe()
+            builder.encoder = None
+            encoder.close()
+
+
+def _feed(builder: _Builder, items: Iterator[tuple[int, Any]], t0: float) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     last_log = time.perf_counter()
@@ -567,6 +603,13 @@ def _build(builder: _Builder, items: Iterator[tuple[int, Any]], t0: float) -> No
         if pending is not None:
             pending[1].result()
             builder.finish(pending[0])
+
+
+def _tokenizer_malloc() -> str | None:
+    try:
+        return find_malloc()
+    except FileNotFoundError as err:
+        raise TokenizeError(str(err)) from None
 
 
 def _is_complete(folder: Path) -> bool:
@@ -626,8 +669,10 @@ def tokenize_dataset(
     builder = _Builder(tokenizer, template_text, objective, train_on, max_length, length_policy, jsonl_path)
     log.info("tokenizing %s (template %s, objective %s, max_length %d) into %s",
              jsonl_path, template, objective, max_length, final)
+    # Small inputs encode in this process: starting the child (~0.1 s) would cost more than it saves.
+    malloc = _tokenizer_malloc() if jsonl_path.stat().st_size >= ENCODE_PROCESS_MIN_BYTES else None
     with _gc_paused():
-        _build(builder, _read_jsonl(jsonl_path), t0)
+        _build(builder, _read_jsonl(jsonl_path), t0, malloc)
 
     stats = {
         **read,
@@ -640,6 +685,7 @@ def tokenize_dataset(
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         **builder.stats(),
+        "encoder": builder.encoder_name,
     }
     if stats["samples"] == 0:
         examples = "; ".join(f"line {r['line']}: {r['reason']} {r['detail']}" for r in builder.rejects[:3])
@@ -723,6 +769,8 @@ def tokenize_cli(config_path: str, overrides: list[str], as_json: bool) -> int:
         f"policy   {s['length_policy']} at {s['max_length']}: {s['truncated']} truncated, {s['dropped']} dropped",
         f"rejected {s['rejected_total']} {s['rejected'] or ''}" + (f" → {r.rejects_path}" if r.rejects_path else ""),
     ]
+    if not r.hit:
+        lines.append(f"built    in {s['build_seconds']} s, encode: {s['encoder']}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
