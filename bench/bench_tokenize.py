@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         ("cold", "ftflow cold build", cold_s, cold_cpu, tokens),
         ("cold_in_process", "  (encode in process)", inproc_s, inproc_cpu, tokens),
         ("hit", "ftflow cache hit", hit_s, hit_cpu, tokens),
-        ("tokenizer_floor", "(tokenizer alone)", floor_s, floor_cpu, tokens),
+        ("tokenizer_floor", "(tokenizer alone, here)", floor_s, floor_cpu, tokens),
     ]
     result = {
         "rows": args.rows,

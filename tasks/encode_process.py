@@ -18,6 +18,8 @@ compute itself (tests check the cached datasets are identical). Allocator choice
   Ubuntu: `apt-get install libmimalloc2.0`); none found: encode in this process, as before;
 - a path to a shared library: that one (an error if it does not exist);
 - `off`: encode in this process.
+A process already running on the chosen allocator (started with it in `LD_PRELOAD`) encodes in
+process: the child would only add its pipe.
 Any failure of the child (it cannot start, dies mid-build) falls back to encoding in this process,
 with a warning; the result is the same either way.
 """
@@ -62,14 +64,15 @@ def find_malloc(setting: str | None = None) -> str | None:
         if not Path(setting).is_file():
             raise FileNotFoundError(f"{ENV}={setting}: no such file; give the path of a malloc shared library "
                                     "(e.g. /usr/lib/x86_64-linux-gnu/libmimalloc.so.2), `auto` or `off`")
-        return setting
-    if not sys.platform.startswith("linux"):
+        found = setting
+    elif not sys.platform.startswith("linux"):
         return None
-    for name in MALLOC_NAMES:
-        for folder in _library_dirs():
-            if (folder / name).is_file():
-                return str(folder / name)
-    return None
+    else:
+        found = next((str(d / n) for n in MALLOC_NAMES for d in _library_dirs() if (d / n).is_file()), None)
+    if found is not None and _mapped(found, unknown=False):
+        log.info("this process already runs on %s: the tokenizer encodes here", found)
+        return None
+    return found
 
 
 class EncodeProcess:
@@ -152,12 +155,13 @@ class EncodeProcess:
         self.close()
 
 
-def _mapped(library: str) -> bool:
-    """Whether `library` is loaded into this process (ld.so only warns when a preload fails)."""
+def _mapped(library: str, unknown: bool = True) -> bool:
+    """Whether `library` is loaded into this process (ld.so only warns when a preload fails);
+    `unknown` without a procfs to ask."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
-        return True  # no procfs to ask: assume the preload worked
+        return unknown
     return os.path.realpath(library) in maps or library in maps
 
 

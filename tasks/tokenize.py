@@ -25,6 +25,7 @@ Length policy (`tokenize.length_policy`) for samples longer than `tokenize.max_l
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import shutil
@@ -751,7 +752,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def tokenize_cli(config_path: str, overrides: list[str], as_json: bool) -> int:
     """`ftflow tokenize CONFIG [--set K=V ...] [--json]`: build (or find) the tokenized train set."""
     try:
-        _, _, r = _tokenize_from_config(config_path, overrides)
+        # Libraries print to stdout (DeepSpeed's accelerator notice, imported when the embedded model
+        # is first built): keep stdout for the report, so `--json` output always parses.
+        with contextlib.redirect_stdout(sys.stderr):
+            _, _, r = _tokenize_from_config(config_path, overrides)
     except _user_errors() as err:
         sys.stderr.write(f"error: {err}\n")
         return 2

@@ -20,7 +20,9 @@ import tasks.tokenize as tk
 from tasks.templates import BUILTIN_TEMPLATES
 from tasks.tokenize import _Builder, tokenize_dataset
 
-LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+# glibc's stub libraries: real shared objects that change nothing when preloaded (and, unlike libc,
+# are not already loaded here, which would make ftflow encode in process).
+PLACEBOS = ("libanl.so.1", "libutil.so.1")
 WORDS = "apple river 床前明月光 🙂 e\u0301 \t\n [INST] <<SYS>> 。 don't 12345".split(" ")
 
 
@@ -30,12 +32,13 @@ def tok(tiny_model_dir):
 
 
 def any_malloc() -> str:
-    """The allocator auto-detection finds, else libc itself (preloading it changes nothing): the
-    child-process machinery is tested either way."""
-    found = ep.find_malloc("auto")
-    if found is None and not Path(LIBC).is_file():
-        pytest.skip("no malloc library to preload on this system")
-    return found or LIBC
+    """The allocator auto-detection finds, else a placebo library: the child-process machinery is
+    tested either way."""
+    found = ep.find_malloc("auto") or next(
+        (str(d / n) for n in PLACEBOS for d in ep._library_dirs() if (d / n).is_file()), None)
+    if found is None:
+        pytest.skip("no library to preload on this system")
+    return found
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["byte-lengths", "offsets"])
@@ -54,11 +57,15 @@ def test_find_malloc_settings(tmp_path, monkeypatch):
     (tmp_path / "libjemalloc.so.2").unlink()
     assert ep.find_malloc("auto") is None
     assert ep.find_malloc("off") is None and ep.find_malloc("OFF") is None
-    assert ep.find_malloc(LIBC) == LIBC
+    explicit = tmp_path / "libcustom.so"
+    explicit.write_bytes(b"")
+    assert ep.find_malloc(str(explicit)) == str(explicit)
     with pytest.raises(FileNotFoundError, match=f"{ep.ENV}=/no/such.so: no such file"):
         ep.find_malloc("/no/such.so")
     monkeypatch.setenv(ep.ENV, "off")
     assert ep.find_malloc() is None
+    monkeypatch.setattr(ep, "_mapped", lambda library, unknown=True: library == str(explicit))  # runs on it
+    assert ep.find_malloc(str(explicit)) is None
 
 
 def test_installed_allocator_is_really_loaded_in_the_child(tok):

@@ -349,6 +349,20 @@ def test_tokenize_cli_json_then_hit(cli_config, capsys):
     assert "miss" in capsys.readouterr().out
 
 
+def test_tokenize_cli_json_parses_when_libraries_print(cli_config, capsys, monkeypatch):
+    # DeepSpeed prints its accelerator notice to stdout when the embedded model is first built.
+    real = tk._tokenize_from_config
+
+    def noisy(*args):
+        print("[WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.")
+        return real(*args)
+
+    monkeypatch.setattr(tk, "_tokenize_from_config", noisy)
+    assert tk.tokenize_cli(str(cli_config), [], as_json=True) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["stats"]["samples"] == len(ROWS) and "Setting accelerator" in out.err
+
+
 def test_tokenize_cli_reports_config_errors(cli_config, capsys):
     assert tk.tokenize_cli(str(cli_config), ["tokenize.template=nope"], as_json=False) == 2
     assert "tokenize.template" in capsys.readouterr().err
