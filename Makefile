@@ -18,7 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	@# mimalloc, which the tokenizer's encode process runs on for inputs >= 1 MB (README, "Tokenizing
+	@# mimalloc, which the tokenizer's encode process runs on for inputs >= 2 MB (README, "Tokenizing
 	@# large datasets"): installed with apt where we are root (containers, CI), else a hint. Optional.
 	@/sbin/ldconfig -p 2>/dev/null | grep -q "libmimalloc.so.2 " || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
