@@ -19,11 +19,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@# mimalloc, which the tokenizer's encode process runs on for inputs >= 2 MB (README, "Tokenizing
-	@# large datasets"): installed with apt where we are root (containers, CI), else a hint. Optional.
+	@# large datasets"): installed with apt as root or with passwordless sudo, else a hint. Optional.
 	@/sbin/ldconfig -p 2>/dev/null | grep -q "libmimalloc.so.2 " || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; else sudo="sudo -n"; fi; \
+	  if command -v apt-get >/dev/null 2>&1 && { [ -z "$$sudo" ] || $$sudo true 2>/dev/null; }; then \
 	    echo "installing libmimalloc2.0 (apt) for faster tokenization"; \
-	    { apt-get install -y -qq libmimalloc2.0 || { apt-get update -qq && apt-get install -y -qq libmimalloc2.0; }; } \
+	    { $$sudo apt-get install -y -qq libmimalloc2.0 || { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq libmimalloc2.0; }; } \
 	      >/dev/null 2>&1 || echo "  not installed: tokenization encodes in process (same result, slower)"; \
 	  else echo "hint: apt-get install libmimalloc2.0 makes large tokenizations faster (README)"; fi; }
 	@# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~40 s); do it once here.

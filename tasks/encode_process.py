@@ -8,8 +8,9 @@ process starts (`LD_PRELOAD`), and ftflow's own process must not change allocato
 cold build hands its batched encode calls to a small child process that imports nothing but
 `tokenizers`, started with the allocator preloaded:
 
-    with EncodeProcess(backend, with_offsets=False) as enc:   # None of this if no allocator is found
-        flat, counts, offsets = enc.encode(texts)
+    malloc = find_malloc()          # None: no allocator found (or `off`), encode in process
+    with EncodeProcess(backend, with_offsets=False, malloc=malloc) as enc:
+        flat, counts, offsets = enc.encode(texts)   # int32 ids, int64 counts (bytes), offsets or None
 
 The child gets the exact tokenizer (`backend.to_str()`), so the ids are the ones the parent would
 compute itself (tests check the cached datasets are identical). Allocator choice,

@@ -3,7 +3,6 @@ the allocator really loaded, and every failure falls back without losing a row."
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -19,6 +18,7 @@ import tasks.encode_process as ep
 import tasks.tokenize as tk
 from tasks.templates import BUILTIN_TEMPLATES
 from tasks.tokenize import _Builder, tokenize_dataset
+from tests.files import write_jsonl
 
 # glibc's stub libraries: real shared objects that change nothing when preloaded (and, unlike libc,
 # are not already loaded here, which would make ftflow encode in process).
@@ -141,9 +141,7 @@ def _tokenize(tmp_path: Path, model_dir, name: str, malloc: str, monkeypatch):
 @pytest.fixture()
 def many_chunks(tmp_path, monkeypatch):
     """A JSONL over several chunks, every size taking the child-process path."""
-    with open(tmp_path / "in.jsonl", "w", encoding="utf-8") as f:
-        for row in _rows(50) + ["{not json"]:
-            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    write_jsonl(tmp_path / "in.jsonl", _rows(50) + ["{not json"])
     monkeypatch.setattr(tk, "ENCODE_PROCESS_MIN_BYTES", 0)
     monkeypatch.setattr(tk, "CHUNK_ROWS", 8)
 
@@ -205,7 +203,5 @@ def test_missing_allocator_path_is_a_clear_error(tmp_path, tiny_model_dir, many_
 
 
 def test_small_inputs_stay_in_process(tmp_path, tiny_model_dir, monkeypatch):
-    with open(tmp_path / "in.jsonl", "w", encoding="utf-8") as f:
-        for row in _rows(5):
-            f.write(json.dumps(row) + "\n")
+    write_jsonl(tmp_path / "in.jsonl", _rows(5))
     assert _tokenize(tmp_path, tiny_model_dir, "small", any_malloc(), monkeypatch).stats["encoder"] == "in process"

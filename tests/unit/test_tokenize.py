@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 import tasks.tokenize as tk
 from tasks.templates import BUILTIN_TEMPLATES
 from tasks.tokenize import TokenizeError, cache_key, format_sample, tokenize_dataset
+from tests.files import write_jsonl
 
 EOS = "<|im_end|>"
 SYSTEM = "You are a helpful assistant."
@@ -69,13 +70,6 @@ def reference(tok, name: str, messages: list[dict]) -> tuple[list[int], list[int
         labels += piece if trained else [-100] * len(piece)
     labels[0] = -100
     return ids, labels, [t for t, trained in segments if trained]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
-    return path
 
 
 def run(tmp_path, model_dir, rows, **kw):
