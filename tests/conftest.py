@@ -105,3 +105,27 @@ def _isolate_mlflow_globals():
             break
     tracking_utils._tracking_uri = None
     mlflow.tracing.reset()  # the tracer provider keeps the store it was set up with
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real Qwen2.5 tokenizer and chat template (tests/realvocab.py; skips without the fixtures)."""
+    from tests.realvocab import real_tokenizer_dir
+
+    return real_tokenizer_dir(tmp_path_factory.mktemp("real-tok"), "qwen2.5")
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real Qwen2.5 vocabulary with Qwen3's added tokens and chat template."""
+    from tests.realvocab import real_tokenizer_dir
+
+    return real_tokenizer_dir(tmp_path_factory.mktemp("real-tok"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def qwen25_tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-init Qwen2 (hidden 64, 2 layers) on the real 151,665-token vocabulary."""
+    from tests.realvocab import real_tiny_model_dir
+
+    return real_tiny_model_dir(tmp_path_factory.mktemp("real-model"), "qwen2.5")
