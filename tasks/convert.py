@@ -52,11 +52,16 @@ import csv
 import glob
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import socket
+import stat
+import sys
 import tempfile
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +69,6 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ftflow.utils import atomic_write_text
 
 log = logging.getLogger("ftflow")
 
@@ -75,7 +79,9 @@ POLICIES = ("quarantine", "raise")
 REASONS = (
     "invalid_utf8", "invalid_json", "invalid_csv", "wrong_type", "missing_field", "unknown_role",
     "format_mismatch", "system_not_first", "empty_content", "roles_not_alternating",
-    "no_assistant_turn", "last_turn_not_assistant", "duplicate_id",
+    "no_assistant_turn", "last_turn_not_assistant", "duplicate_id", "conflicting_system",
+    "unsupported_preference_pair", "unsupported_kto_label", "unsupported_images", "unsupported_videos",
+    "unsupported_audios", "unsupported_tools", "unsupported_tool_call", "unsupported_message_field",
 )  # fmt: skip
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 CANONICAL_FIELDS = (
@@ -138,6 +144,9 @@ class _Input:
     path: Path | None = None
     split: str | None = None
     hf_name: str | None = None  # for datasets.load_dataset
+
+    def __post_init__(self) -> None:  # a file name need not be UTF-8: reports show its bad bytes as \xNN
+        self.label, self.name = _printable(self.label), _printable(self.name)
 
     @property
     def locator(self) -> str:
@@ -218,8 +227,71 @@ def resolve_inputs(inputs: list[str | Path], exclude: tuple[Path, ...] = ()) -> 
 # object, or a _Reject when the row could not even be read.
 
 
+_UTF_BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
+    (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
+    (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"),
+)  # fmt: skip
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+
+
+def _bad_bytes(e: UnicodeDecodeError) -> tuple[str, int]:
+    """Decoding error handler: each undecodable byte becomes U+DCFF, which surrogateescape writes
+    back as the byte 0xFF, so the row holding it is rejected as not UTF-8 (never the whole file)."""
+    return "\udcff" * (e.end - e.start), e.end
+
+
+codecs.register_error("ftflow-bad-bytes", _bad_bytes)
+
+
+class _Recoded:
+    """A UTF-16/UTF-32 file (found by its BOM) read as UTF-8 bytes, so every reader below sees UTF-8.
+
+    Lines end at \\n, \\r\\n or \\r (`newline=""`), as in `_lines`. Text that does not decode is
+    rejected row by row (`_bad_bytes`)."""
+
+    def __init__(self, raw, encoding: str):
+        self.encoding = encoding
+        self.text = io.TextIOWrapper(raw, encoding=encoding, errors="ftflow-bad-bytes", newline="")
+
+    def read(self, n: int = -1) -> bytes:
+        return self.text.read(n).encode("utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self.text:
+            yield line.encode("utf-8", "surrogateescape")
+
+    def __enter__(self) -> "_Recoded":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.text.close()
+
+
 def _open(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    """The file's bytes (gunzipped), as UTF-8: a UTF-16/32 BOM selects a transcoding reader."""
+    f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    try:
+        head = f.peek(4)[:4]
+    except BaseException:
+        f.close()
+        raise
+    for bom, encoding in _UTF_BOMS:
+        if head.startswith(bom):
+            f.read(len(bom))
+            return _Recoded(f, encoding)
+    return f
+
+
+def _lines(f) -> Iterator[bytes]:
+    """Physical lines of a byte stream, ending at \\n, \\r\\n or a lone \\r (classic Mac files),
+    each with its line break. A JSON text holds no unescaped line break inside a string, so a
+    lone CR only ever separates rows; CSV quotes keep theirs (the csv module joins the lines)."""
+    for b in f:
+        cr = b.find(b"\r")
+        if cr < 0 or (cr == len(b) - 2 and b[-1:] == b"\n"):
+            yield b
+        else:
+            yield from _LINE.findall(b)
 
 
 def _printable(text: str) -> str:
@@ -227,11 +299,18 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _number_error(e: ValueError) -> str:
+    """The message for a ValueError of the json module that is not a syntax error (a huge integer)."""
+    if "4300" in str(e) or "digits" in str(e):
+        return f"a number with more than {sys.get_int_max_str_digits()} digits; write it as a string"
+    return str(e)
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, Any]]:
     scan = json.JSONDecoder().scan_once  # the C scanner: json.loads less its wrapper (0.6 vs 1.4 µs a row)
     loads = json.loads
     with _open(path) as f:
-        for n, b in enumerate(f, 1):
+        for n, b in enumerate(_lines(f), 1):
             if n == 1 and b.startswith(_BOM):
                 b = b[3:]
             try:
@@ -252,6 +331,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, Any]]:
             except json.JSONDecodeError as e:
                 if s.strip():  # blank lines are not rows
                     yield n, s, _Reject("invalid_json", f"{e.msg} at column {e.colno}")
+            except ValueError as e:  # an integer longer than sys.get_int_max_str_digits()
+                yield n, s, _Reject("invalid_json", _number_error(e))
             except RecursionError:
                 yield n, s, _Reject("invalid_json", "nested too deeply")
 
@@ -290,23 +371,58 @@ def _element_end(buf: str, pos: int) -> int | None:
             return m.start()
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, Any, Any]]:
-    """A JSON array streamed an element at a time; a .json file that is not an array is JSONL.
+def _json_layout(path: Path, kind: str) -> str:
+    """How a .json / .jsonl file holds its rows: "array", "values" (objects one after another,
+    pretty-printed: one object in a .json file is the common case) or "lines" (JSONL).
 
-    Elements are parsed with `raw_decode` over a sliding buffer. An element that does not parse
-    is delimited by its brackets and rejected on its own; separators are read leniently
-    (a missing or trailing comma loses nothing).
+    The first line decides: a line that parses alone means JSONL (whatever the suffix); a `[`
+    opens an array; an object that runs over several lines means pretty-printed values. A .json
+    file that starts with `[` is an array."""
+    with _open(path) as f:
+        head = f.read(_CHUNK)
+    text = head.decode("utf-8", "replace").lstrip("\ufeff")
+    body = text.lstrip(" \t\r\n")
+    if not body:
+        return "lines"
+    if kind == "json" and body[0] == "[":
+        return "array"
+    first = re.split(r"\r\n|\r|\n", body, maxsplit=1)[0]
+    try:
+        json.loads(first)
+        return "lines"
+    except (ValueError, RecursionError):
+        pass
+    if body[0] in "[{":  # a value over several lines: pretty-printed
+        layout = "array" if body[0] == "[" else "values"
+        if first.strip() == body[0]:
+            return layout
+        try:
+            _, end = json.JSONDecoder().raw_decode(body)
+            return layout if end > len(first) else "lines"
+        except (ValueError, RecursionError):
+            pass
+    return "lines"
+
+
+def _read_json(path: Path, kind: str = "json") -> Iterator[tuple[int, Any, Any]]:
+    """A .json or .jsonl file, laid out as `_json_layout` finds: JSONL line by line, an array or
+    a run of pretty-printed objects streamed a value at a time.
+
+    Values are parsed with `raw_decode` over a sliding buffer. A value that does not parse is
+    delimited by its brackets and rejected on its own; separators are read leniently (a missing
+    or trailing comma loses nothing).
     """
+    layout = _json_layout(path, kind)
+    if layout == "lines":
+        yield from _read_jsonl(path)
+        return
+    array = layout == "array"
     with _open(path) as f:
         first = f.read(_CHUNK)
-        if not first[len(_BOM) if first.startswith(_BOM) else 0 :].lstrip().startswith(b"["):
-            f.close()
-            yield from _read_jsonl(path)
-            return
         decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         buf = decoder.decode(first).lstrip("\ufeff")
         bad_bytes = bool(_BAD_BYTES.search(buf))
-        pos = buf.index("[") + 1
+        pos = buf.index("[") + 1 if array else 0
         line = 1 + buf.count("\n", 0, pos)
         eof = False
         raw_decode = json.JSONDecoder().raw_decode
@@ -333,12 +449,12 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any, Any]]:
             if ch == ",":
                 pos += 1
                 continue
-            if ch == "]":  # the end; anything after it but blanks would be lost, so say so
+            if ch == "]" and array:  # the end; anything after it but blanks would be lost, so say so
                 while not (rest := buf[pos + 1 :].strip()) and not eof:
                     refill()
                 if rest:
                     raise InputError(
-                        f"{path} line {line}: data after the array's closing ]; a .json file holds one "
+                        f"{_printable(str(path))} line {line}: data after the array's closing ]; a .json file holds one "
                         "array, or one object a line (JSONL)"
                     )
                 return
@@ -349,7 +465,7 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any, Any]]:
                     refill()
                     continue
                 reject = None
-            except (json.JSONDecodeError, RecursionError) as e:
+            except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
                 end = _element_end(buf, pos)
                 if end is None and not eof:  # incomplete: read more (doubling, so big rows stay linear)
                     want = max(_CHUNK, len(buf))
@@ -361,6 +477,8 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any, Any]]:
                     end = pos + 1
                 if isinstance(e, json.JSONDecodeError):
                     msg = f"{e.msg} (line {line + buf.count(chr(10), pos, e.pos)}, column {e.colno})"
+                elif isinstance(e, ValueError):
+                    msg = _number_error(e)
                 else:
                     msg = "nested too deeply"
                 obj, reject = None, _Reject("invalid_json", msg)
@@ -379,34 +497,85 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any, Any]]:
 _JSON_CELLS = ("messages", "conversations", "history")
 
 
+class _LineSource:
+    """The physical lines a csv.reader reads, with the ones of the current record kept, so that a
+    record that does not parse can be given back (all but its first line) and read again."""
+
+    def __init__(self, lines: Iterator[str]):
+        self.lines, self.back, self.taken = lines, [], []
+
+    def __iter__(self) -> "_LineSource":
+        return self
+
+    def __next__(self) -> str:
+        line = self.back.pop() if self.back else next(self.lines)
+        self.taken.append(line)
+        return line
+
+
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, Any, Any]]:
+    """Records of a CSV/TSV file; `n` counts records (the header not counted).
+
+    Parsed strictly (a stray quote is an error, not a silently changed field). A record that runs
+    over several lines and does not parse (an unterminated quote swallows the lines after it) is
+    rejected by its first line alone and reading resumes on the next line, so no records merge.
+    A column named twice in the header is used when its cells agree, else the row is rejected.
+    """
     csv.field_size_limit(2**31 - 1)  # long conversations exceed the 128 KiB default
 
-    def lines(f) -> Iterator[str]:
-        for i, b in enumerate(f):
-            yield b[3:].decode("utf-8", "surrogateescape") if i == 0 and b.startswith(_BOM) else b.decode(
-                "utf-8", "surrogateescape"
-            )
+    def decoded(f) -> Iterator[str]:
+        for i, b in enumerate(_lines(f)):
+            yield (b[3:] if i == 0 and b.startswith(_BOM) else b).decode("utf-8", "surrogateescape")
 
     with _open(path) as f:
-        reader = csv.reader(lines(f), delimiter=delimiter)
-        header = next(reader, None)
+        src = _LineSource(decoded(f))
+        reader = csv.reader(src, delimiter=delimiter, strict=True)
+        try:
+            header = next(reader, None)
+            line_no = len(src.taken)  # physical lines read before the current record
+        except csv.Error as e:
+            raise InputError(f"{_printable(str(path))}: the header line does not parse as CSV: {e}") from None
         if header is None:
             return
         header = [h.strip() for h in header]
+        columns: dict[str, list[int]] = {}
+        for i, h in enumerate(header):
+            columns.setdefault(h, []).append(i)
+        repeated = {h: idx for h, idx in columns.items() if len(idx) > 1}
+        if repeated:
+            log.warning("%s: column(s) %s appear more than once in the header; rows whose cells differ are rejected",
+                        _printable(str(path)), sorted(repeated))  # fmt: skip
         n = 0
         while True:
+            src.taken = []
             try:
-                rec = next(reader)
+                rec, error = next(reader), None
             except StopIteration:
                 return
             except csv.Error as e:
-                n += 1
-                yield n, None, _Reject("invalid_csv", f"{e} (near line {reader.line_num})")
-                continue
-            if not rec:
+                rec, error = None, e
+            taken = src.taken
+            start = line_no + 1
+            if rec is not None and not rec:  # a blank line
+                line_no += len(taken)
                 continue
             n += 1
+            if len(taken) > 1 and (error is not None or len(rec) != len(header)):
+                # an unterminated quote (or a bad record over several lines): reject its first line only
+                src.back.extend(reversed(taken[1:]))
+                reader = csv.reader(src, delimiter=delimiter, strict=True)
+                line_no += 1
+                why = str(error) if error is not None else f"{len(rec)} fields, the header has {len(header)}"
+                message = (f"line {start}: {why}; the record does not parse over lines {start}-{start + len(taken) - 1} "
+                           "(an unterminated quote?), so only its first line is rejected and reading goes on after it")  # fmt: skip
+                yield n, _printable(taken[0].rstrip("\r\n")), _Reject("invalid_csv", message)
+                continue
+            line_no += len(taken)
+            if error is not None:
+                reader = csv.reader(src, delimiter=delimiter, strict=True)
+                raw = _printable("".join(taken).rstrip("\r\n"))
+                yield n, raw, _Reject("invalid_csv", f"line {start}: {error}")
+                continue
             if any(_BAD_BYTES.search(v) for v in rec):
                 message = "the record holds bytes that are not UTF-8; re-save the file as UTF-8"
                 yield n, [_printable(v) for v in rec], _Reject("invalid_utf8", message)
@@ -415,13 +584,28 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, Any, Any]]:
                 message = f"{len(rec)} fields, the header has {len(header)}; quote fields that hold {delimiter!r}"
                 yield n, rec, _Reject("invalid_csv", message)
                 continue
-            row: dict[str, Any] = dict(zip(header, rec))
+            if repeated:
+                differ = [h for h, idx in repeated.items() if len({rec[i] for i in idx}) > 1]
+                if differ:
+                    h = differ[0]
+                    where = ", ".join(str(i + 1) for i in repeated[h])
+                    message = (f"column {h!r} is in the header {len(repeated[h])} times (columns {where}) with "
+                               "different values in this row; rename the columns so each name is used once")  # fmt: skip
+                    yield n, rec, _Reject("invalid_csv", message)
+                    continue
+            row: dict[str, Any] = {h: rec[idx[0]] for h, idx in columns.items() if h or rec[idx[0]]}
             try:
                 for key in _JSON_CELLS:
                     if isinstance(row.get(key), str) and row[key].strip():
                         row[key] = json.loads(row[key])
             except json.JSONDecodeError as e:
                 yield n, rec, _Reject("invalid_json", f"cell {key!r}: {e.msg} at column {e.colno}")
+                continue
+            except ValueError as e:
+                yield n, rec, _Reject("invalid_json", f"cell {key!r}: {_number_error(e)}")
+                continue
+            except RecursionError:
+                yield n, rec, _Reject("invalid_json", f"cell {key!r}: nested too deeply")
                 continue
             yield n, None, row
 
@@ -462,10 +646,8 @@ def _read_hf(inp: _Input) -> Iterator[tuple[int, Any, Any]]:
 def _rows(inp: _Input) -> Iterator[tuple[int, Any, Any]]:
     """The input's rows; failures to read the input itself become InputError."""
     try:
-        if inp.kind == "jsonl":
-            yield from _read_jsonl(inp.path)
-        elif inp.kind == "json":
-            yield from _read_json(inp.path)
+        if inp.kind in ("jsonl", "json"):
+            yield from _read_json(inp.path, inp.kind)
         elif inp.kind in ("csv", "tsv"):
             yield from _read_csv(inp.path, "," if inp.kind == "csv" else "\t")
         elif inp.kind == "parquet":
@@ -483,6 +665,96 @@ def _rows(inp: _Input) -> Iterator[tuple[int, Any, Any]]:
 
 
 # ----------------------------------------------------------------------------- rows → samples
+
+
+_PREFERENCE_HINT = (
+    "{what}: a preference pair (DPO / ORPO / reward-model data). ftflow trains supervised replies only "
+    "(tokenize.objective sft) and would train the rejected reply or lose the pair. Train it with a preference "
+    "trainer, or make SFT rows from the chosen replies yourself"
+)
+_KTO_HINT = (
+    "`label` is {value}: a KTO row (a reply marked desirable or not). ftflow trains supervised replies only and "
+    "would train undesirable replies as targets. Keep the rows labelled true, without `label`, for SFT, or "
+    "train the set with a KTO trainer"
+)
+_IMAGES_HINT = (
+    "{what}: a multimodal row. ftflow fine-tunes text-only models and would train the text without the "
+    "media it refers to. Use a vision-language trainer, or drop these rows"
+)
+_TOOLS_HINT = (
+    "{what}: tool (function-calling) definitions, which ftflow does not render into the prompt yet; the "
+    "model would learn replies without the tools they were written for. Drop these rows, or remove `{key}` "
+    "where the reply does not depend on it"
+)
+_TOOL_CALL_HINT = (
+    "{what}: a tool call or tool result (function calling), which ftflow does not train yet. Drop these "
+    "rows, or keep only conversations without tool turns"
+)
+_MEDIA = (("images", "unsupported_images"), ("image", "unsupported_images"), ("videos", "unsupported_videos"),
+          ("video", "unsupported_videos"), ("audios", "unsupported_audios"), ("audio", "unsupported_audios"))  # fmt: skip
+_PREFERENCE_KEYS = ("chosen", "rejected", "preferred_output", "non_preferred_output")
+
+
+def _empty(value: Any) -> bool:
+    """No content at all: null, "", [] or {} (also as a JSON string, as CSV cells hold them)."""
+    if value is None or value == "" or value == [] or value == {}:
+        return True
+    return value.__class__ is str and value.strip() in ("", "[]", "{}", "null")
+
+
+def _unsupported(row: dict) -> None:
+    """Reject a row that carries a kind of data ftflow does not train yet, naming the feature."""
+    if _PREFERENCE_KEYS[0] in row or _PREFERENCE_KEYS[1] in row or _PREFERENCE_KEYS[2] in row:
+        keys = [k for k in _PREFERENCE_KEYS if k in row]
+        what = "`" + "`, `".join(keys) + "`"
+        raise _Reject("unsupported_preference_pair", _PREFERENCE_HINT.format(what=f"the row has {what}"))
+    for key in ("label", "kto_tag"):
+        if row.get(key).__class__ is bool:
+            raise _Reject("unsupported_kto_label", _KTO_HINT.format(value=str(row[key]).lower()))
+    for key, reason in _MEDIA:
+        if key in row and not _empty(row[key]):
+            value = row[key]
+            count = f"{len(value)} " if value.__class__ is list else ""
+            what = f"`{key}` holds {count}{key.rstrip('s')} item(s)"
+            raise _Reject(reason, _IMAGES_HINT.format(what=what))
+    for key in ("tools", "functions"):
+        if key in row and not _empty(row[key]):
+            for turns_key in ("messages", "conversations"):
+                for i, item in enumerate(row.get(turns_key) or ()):
+                    if isinstance(item, dict) and (
+                        str(item.get("role", item.get("from"))).lower() in _TOOL_ROLES
+                        or any(not _empty(item.get(k)) for k in _TOOL_KEYS)
+                    ):
+                        what = f"message {i} is a tool call or result (and the row declares `{key}`)"
+                        raise _Reject("unsupported_tool_call", _TOOL_CALL_HINT.format(what=what))
+            raise _Reject("unsupported_tools", _TOOLS_HINT.format(what=f"the row declares `{key}`", key=key))
+
+
+# Row fields each format reads; any other field is carried into the sample's `meta`.
+_USED = {
+    "messages": frozenset(("id", "messages", "system")),
+    "sharegpt": frozenset(("id", "conversations", "system")),
+    "alpaca": frozenset(("id", "instruction", "instruct", "input", "output", "label", "system", "history")),
+    "text": frozenset(("id", "text")),
+}
+
+
+def _meta_json(row: dict, fmt: str) -> str | None:
+    """The row's fields that `fmt` does not read, as a JSON object in input order (None when none):
+    carried into the sample so that nothing is dropped, and part of its content for dedup."""
+    unused = row.keys() - _USED[fmt]
+    if fmt == "alpaca":  # of two spellings of one field, the one read wins; the other is kept
+        if "instruction" in row and "instruct" in row:
+            unused.add("instruct")
+        if "output" in row and "label" in row:
+            unused.add("label")
+    if not unused:
+        return None
+    meta = {k: v for k, v in row.items() if k in unused}
+    try:
+        return _escape_breaks(json.dumps(meta, ensure_ascii=False, default=_safe_json))
+    except RecursionError:
+        raise _Reject("invalid_json", f"field(s) {sorted(unused)} nested too deeply to carry in `meta`") from None
 
 
 def _detect(row: dict) -> str | None:
@@ -518,6 +790,12 @@ def _required(row: dict, key: str) -> str:
     return value
 
 
+_TOOL_ROLES = ("function_call", "observation", "tool", "function", "tool_call", "tool_response", "ipython")
+_TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id")
+_MESSAGE_KEYS = ("role", "content", "from", "value")
+_IMAGE_PARTS = ("image", "image_url", "input_image")
+
+
 def _role(item: dict, i: int) -> str:
     raw = item.get("role", item.get("from"))
     if raw is None:
@@ -526,6 +804,8 @@ def _role(item: dict, i: int) -> str:
         raise _Reject("wrong_type", f"message {i}: role is a {_kind(raw)}, expected a string")
     role = ROLES.get(raw) or ROLES.get(raw.lower())
     if role is None:
+        if raw.lower() in _TOOL_ROLES:
+            raise _Reject("unsupported_tool_call", _TOOL_CALL_HINT.format(what=f"message {i} is a {raw!r} turn"))
         raise _Reject("unknown_role", f"message {i}: role {raw!r} is not one of {sorted(ROLES)}")
     return role
 
@@ -539,16 +819,37 @@ def _turns(row: dict, key: str) -> list[tuple[str, str]]:
         if item.__class__ is not dict:
             raise _Reject("wrong_type", f"message {i} is a {_kind(item)}, expected an object")
         role = _role(item, i)
+        if len(item) > 2:  # anything but role and content would be dropped: name it
+            for k, v in item.items():
+                if k in _MESSAGE_KEYS or _empty(v):
+                    continue
+                if k in _TOOL_KEYS:
+                    raise _Reject("unsupported_tool_call", _TOOL_CALL_HINT.format(what=f"message {i} has `{k}`"))
+                raise _Reject(
+                    "unsupported_message_field",
+                    f"message {i} has `{k}`, which ftflow does not use (a message is role and content); the row is "
+                    f"not trained rather than trained without it. Remove `{k}` from the messages, or fold it into the content",
+                )
         content = item.get("content", item.get("value"))
         if content is None:
             if "content" not in item and "value" not in item:
                 raise _Reject("missing_field", f"message {i} has no `content` (or `value`)")
             raise _Reject("wrong_type", f"message {i}: content is null, expected a string")
         if content.__class__ is not str:
+            if content.__class__ is list and any(
+                isinstance(part, dict) and part.get("type") in _IMAGE_PARTS for part in content
+            ):
+                raise _Reject("unsupported_images", _IMAGES_HINT.format(what=f"message {i} has an image part"))
             raise _Reject("wrong_type", f"message {i}: content is a {_kind(content)}, expected a string")
         turns.append((role, content))
-    if key == "conversations" and (system := _text(row, "system")) and not (turns and turns[0][0] == "system"):
-        turns.insert(0, ("system", system))
+    if (system := _text(row, "system")) is not None and not _blank(system):
+        if not (turns and turns[0][0] == "system"):
+            turns.insert(0, ("system", system))
+        elif turns[0][1] != system:
+            raise _Reject(
+                "conflicting_system",
+                "the row's `system` field and its first (system) message differ; keep one of them",
+            )
     return turns
 
 
@@ -577,6 +878,18 @@ def _alpaca(row: dict) -> list[tuple[str, str]]:
     return turns
 
 
+def _blank(text: str) -> bool:
+    """Nothing visible: only whitespace and format characters (zero-width spaces and joiners,
+    BOMs, direction marks: Unicode category Cf), which str.strip() keeps."""
+    text = text.strip()
+    if not text:
+        return True
+    first = text[0]
+    return first >= "\xad" and unicodedata.category(first) == "Cf" and all(
+        c.isspace() or unicodedata.category(c) == "Cf" for c in text
+    )
+
+
 def _check(turns: list[tuple[str, str]], sft: bool) -> None:
     """Conversation rules; the first broken one names the reject."""
     if not turns:
@@ -585,8 +898,9 @@ def _check(turns: list[tuple[str, str]], sft: bool) -> None:
     for i, (role, content) in enumerate(turns):
         if role == "system" and i:
             raise _Reject("system_not_first", f"message {i} is a system message; only the first may be")
-        if not content.strip():
-            raise _Reject("empty_content", f"message {i} ({role}) is empty")
+        if _blank(content):
+            what = "empty" if not content.strip() else "only invisible characters (zero-width, BOM)"
+            raise _Reject("empty_content", f"message {i} ({role}) is {what}")
         if role != "system":
             if role == last or (last is None and role == "assistant"):
                 after = f"a {last} message" if last else "the start"
@@ -635,7 +949,7 @@ def _plain_alpaca(row: dict, prefix: str) -> str | None:
     instruction, output, extra = row.get("instruction"), row.get("output"), row.get("input")
     if (
         instruction.__class__ is not str or output.__class__ is not str
-        or not instruction or instruction.isspace() or not output or output.isspace()
+        or _blank(instruction) or _blank(output)
         or (extra is not None and extra.__class__ is not str) or "system" in row or "history" in row
     ):  # fmt: skip
         return None
@@ -683,16 +997,38 @@ def _keys(digests: list[bytes]) -> np.ndarray:
 # ----------------------------------------------------------------------------- the run
 
 
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+_TMP_TAG = ".ftflow-"  # .tmp-NAME.ftflow-HOST-PID-RANDOM: a temporary output of this module
+
+
 class _Out:
-    """A temporary output file that hashes what it writes and is renamed into place at the end."""
+    """A temporary output file that hashes what it writes and is renamed into place at the end.
+
+    The temporary file is `.tmp-NAME.ftflow-HOST-PID-XXXXXXXX` beside the output: a convert that
+    is killed leaves it, and a later run removes it once that process is gone (`_remove_stale`)."""
 
     def __init__(self, final: Path):
         self.final = final
-        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}{_TMP_TAG}{_HOST}-{os.getpid()}-", dir=final.parent)
+        except OSError as e:
+            raise OutputError(f"cannot write in {_printable(str(final.parent))}: {e.strerror or e}; "
+                              "write the output elsewhere") from None  # fmt: skip
         self.tmp = Path(tmp)
         self.file = os.fdopen(fd, "wb", buffering=1 << 20)
         self.sha = hashlib.sha256()
         self.rows = 0
+
+    @classmethod
+    def write_text(cls, path: Path, text: str) -> None:
+        """`text` written atomically to `path` (a name the user gave may hold any bytes: kept escaped)."""
+        out = cls(path)
+        try:
+            out.write([text.encode("utf-8", "backslashreplace")])
+        except BaseException:
+            out.discard()
+            raise
+        out.commit()
 
     def write(self, lines: list[bytes]) -> None:
         data = b"".join(lines)
@@ -706,6 +1042,14 @@ class _Out:
     def commit(self) -> str:
         try:
             self.file.close()
+            try:
+                kind = _not_regular(os.lstat(self.final).st_mode)
+            except FileNotFoundError:
+                kind = None
+            if kind is not None:  # appeared since the check: never replace anything but a regular file
+                self.discard()
+                raise OutputError(f"{_printable(str(self.final))} is now a {kind}; it was not replaced. Remove it or "
+                                  "write elsewhere, then re-run")  # fmt: skip
             os.replace(self.tmp, self.final)
         except OSError as e:
             raise self._error(e) from None
@@ -721,9 +1065,97 @@ class _Out:
     def _error(self, e: OSError) -> "OutputError":
         self.discard()
         return OutputError(
-            f"could not write {self.final}: {e.strerror or e} (errno {e.errno}). Nothing was replaced: the "
+            f"could not write {_printable(str(self.final))}: {e.strerror or e} (errno {e.errno}). Nothing was replaced: the "
             f"partial file was removed. Free space on that disk or write elsewhere (FTFLOW_HOME, --out), then re-run."
         )
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file that is not a regular file is, in words; None for a regular file."""
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):  # fmt: skip
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "special file"
+
+
+def _check_outputs(outputs: dict[str, Path], inputs: list[_Input]) -> None:
+    """Refuse, before anything is read, an output that is one of the inputs (by any spelling, a
+    link or a hard link) or that exists and is not a regular file. Raises InputError."""
+    read: dict[tuple[int, int], str] = {}
+    for inp in inputs:
+        if inp.path is None:
+            continue
+        try:
+            st = os.stat(inp.path)
+        except OSError:
+            continue
+        read[(st.st_dev, st.st_ino)] = inp.label
+    named: dict[str, str] = {}
+    for what, path in outputs.items():
+        shown = f"{what} {_printable(str(path))}"
+        real = os.path.realpath(path)
+        if real in named:
+            raise InputError(f"{shown} is the same file as {named[real]}; give each output its own path")
+        named[real] = shown
+        try:
+            lst = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise InputError(f"{shown}: cannot check it ({e.strerror or e}); give another output path") from None
+        try:
+            st = os.stat(path)
+            same = read.get((st.st_dev, st.st_ino))
+        except OSError:
+            same = None
+        if same is not None:
+            raise InputError(f"{shown} is the input {same}: writing it would destroy the data being read; "
+                             "give an output path that is not an input")  # fmt: skip
+        kind = _not_regular(lst.st_mode)
+        if kind is not None:
+            raise InputError(f"{shown} is a {kind}; ftflow writes a regular file there (a temporary file renamed "
+                             "into place) and replaces nothing else: give the path of a file")  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def _remove_stale(finals: list[Path]) -> list[str]:
+    """Remove the temporary files that killed runs of this module left beside `finals`: only
+    ours (`.tmp-NAME.ftflow-HOST-PID-…` for these very names), only from this host, only regular
+    files, and only once their process is gone. Returns the names removed."""
+    removed = []
+    for final in finals:
+        prefix = f".tmp-{final.name}{_TMP_TAG}{_HOST}-"
+        try:
+            entries = list(os.scandir(final.parent))
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.startswith(prefix):
+                continue
+            m = re.fullmatch(r"(\d+)-[A-Za-z0-9_]+", entry.name[len(prefix) :])
+            if m is None or _alive(int(m.group(1))):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed.append(_printable(entry.path))
+            except OSError:
+                continue
+    if removed:
+        log.info("removed %d temporary file(s) left by a killed convert: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 def _safe_json(value: Any) -> Any:
@@ -795,6 +1227,7 @@ class _Run:
                         raise _Reject("wrong_type", f"the row is a JSON {_kind(row)}, expected an object")
                 if columns:
                     row = _rename(row, columns)
+                _unsupported(row)
                 found = _detect(row)
                 if found is None:
                     raise _Reject(
@@ -818,8 +1251,8 @@ class _Run:
                     field = b"messages"  # the common row, built directly
                 elif fmt == "text":
                     body = _escape_breaks(_esc(_required(row, "text")))
-                    if not row["text"].strip():
-                        raise _Reject("empty_content", "`text` is empty")
+                    if _blank(row["text"]):
+                        raise _Reject("empty_content", "`text` is empty (or only invisible characters)")
                     field = b"text"
                 else:
                     if fmt == "alpaca":
@@ -831,8 +1264,11 @@ class _Run:
                     _check(turns, sft)
                     body = messages_json(turns)
                     field = b"messages"
+                meta = _meta_json(row, fmt)
                 try:
                     data = body.encode("utf-8")
+                    if meta is not None:
+                        meta_bytes = meta.encode("utf-8")
                     id_bytes = ident.encode("utf-8") if ident is not None else None
                 except UnicodeEncodeError as e:
                     message = f"a lone surrogate {e.object[e.start]!r} (an unpaired \\ud800-\\udfff escape) is not text"
@@ -840,7 +1276,11 @@ class _Run:
             except _Reject as r:
                 self.reject(inp, n, raw, row, r.reason, r.message, stats)
                 continue
-            digest = sha256(data).digest()[:8]
+            if meta is None:
+                digest = sha256(data).digest()[:8]
+            else:  # the carried fields are content too: rows that differ in them are not duplicates
+                digest = sha256(data + b"\n" + meta_bytes).digest()[:8]
+                data += b', "meta": ' + meta_bytes
             if id_bytes is None:
                 id_bytes, id_key = digest.hex().encode(), None
                 id_json = b'"%s"' % id_bytes
@@ -988,19 +1428,23 @@ def convert_dataset(
     columns = dict(columns or {})
     _validate_options(fmt, on_bad_row, objective, eval_fraction, max_reject_fraction, columns, system_prompt)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.jsonl" for name in ("train", "eval", "rejects")}
     report_path = out / "report.json"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot make the output folder {_printable(str(out))}: {e.strerror or e}") from None
+    train = resolve_inputs(train_inputs)
+    evals = resolve_inputs(eval_inputs)
+    both = {i.label for i in train} & {i.label for i in evals}
+    if both:
+        raise InputError(f"{sorted(both)} are in both data.train and data.eval; a file may only be in one")
+    _check_outputs({**{f"output {k}": v for k, v in paths.items()}, "report": report_path}, train + evals)
+    _remove_stale([*paths.values(), report_path])
     report_path.unlink(missing_ok=True)  # from here on the folder does not look complete
     outs = {"train": _Out(paths["train"]), "eval": _Out(paths["eval"])}
     rejects = _Out(paths["rejects"])
     try:
-        exclude = (*paths.values(), report_path)
-        train = resolve_inputs(train_inputs, exclude)
-        evals = resolve_inputs(eval_inputs, exclude)
-        both = {i.label for i in train} & {i.label for i in evals}
-        if both:
-            raise InputError(f"{sorted(both)} are in both data.train and data.eval; a file may only be in one")
         report = _run(
             [(evals, "eval"), (train, "train" if evals else None)], outs, rejects,
             max_reject_fraction=max_reject_fraction, rejects_hint=paths["rejects"], fmt=fmt, columns=columns,
@@ -1018,14 +1462,14 @@ def convert_dataset(
         raise
     report["sha256"] = {"train": outs["train"].commit(), "eval": outs["eval"].commit()}
     rejects.commit()
-    report["inputs"] = {"train": [str(p) for p in train_inputs], "eval": [str(p) for p in eval_inputs]}
-    report["files"] = {k: str(v) for k, v in paths.items()}
+    report["inputs"] = {"train": [_printable(str(p)) for p in train_inputs], "eval": [_printable(str(p)) for p in eval_inputs]}
+    report["files"] = {k: _printable(str(v)) for k, v in paths.items()}
     report["options"] = dict(
         fmt=fmt, columns=columns, system_prompt=system_prompt, eval_fraction=eval_fraction, split_seed=split_seed,
         on_bad_row=on_bad_row, max_reject_fraction=max_reject_fraction, objective=objective,
         split="files" if evals else "id_hash",
     )  # fmt: skip
-    atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _Out.write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if report["eval_rows"] == 0 and eval_fraction > 0:
         log.warning("eval split is empty: %d rows at data.eval_fraction %s; give data.eval files or more rows",
                     report["rows_out"], eval_fraction)  # fmt: skip
@@ -1049,18 +1493,27 @@ def convert_cli(
     out_path = Path(out)
     rejects_path = out_path.with_name(out_path.stem + ".rejects.jsonl")
     report_path = Path(report) if report else None
+    outputs = {"--out": out_path, "rejects file": rejects_path}
+    if report_path:
+        outputs["--report"] = report_path
     try:
         _validate_options(fmt, on_bad_row, "sft", 0.0, max_reject_fraction, {}, system_prompt)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        resolved = resolve_inputs(inputs, (out_path, rejects_path))
+        resolved = resolve_inputs(inputs)
+        _check_outputs(outputs, resolved)  # before anything is read or written
+        for path in outputs.values():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"cannot make the folder of {_printable(str(path))}: {e.strerror or e}") from None
+        _remove_stale(list(outputs.values()))
+        outs = {"train": _Out(out_path)}
+        rejects = _Out(rejects_path)
     except InputError as e:
         log.error("%s", e)
         return 2
     except DataError as e:
         log.error("%s", e)
         return 1
-    outs = {"train": _Out(out_path)}
-    rejects = _Out(rejects_path)
     try:
         result = _run(
             [(resolved, "train")], outs, rejects, max_reject_fraction=max_reject_fraction, rejects_hint=rejects_path,
@@ -1074,7 +1527,7 @@ def convert_cli(
             rejects.commit()
             if report_path:
                 failed = {**e.report, "status": "failed", "error": str(e)}
-                atomic_write_text(report_path, json.dumps(failed, indent=2, ensure_ascii=False) + "\n")
+                _Out.write_text(report_path, json.dumps(failed, indent=2, ensure_ascii=False) + "\n")
         else:
             rejects.discard()
         log.error("%s", e)
@@ -1083,15 +1536,19 @@ def convert_cli(
         outs["train"].discard()
         rejects.discard()
         raise
-    result["sha256"] = {"out": outs["train"].commit()}
-    rejects.commit()
-    result["inputs"] = [str(p) for p in inputs]
-    result["files"] = {"out": str(out_path), "rejects": str(rejects_path)}
-    result["options"] = dict(
-        fmt=fmt, on_bad_row=on_bad_row, max_reject_fraction=max_reject_fraction, system_prompt=system_prompt
-    )
-    if report_path:
-        atomic_write_text(report_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    try:
+        result["sha256"] = {"out": outs["train"].commit()}
+        rejects.commit()
+        result["inputs"] = [_printable(str(p)) for p in inputs]
+        result["files"] = {"out": _printable(str(out_path)), "rejects": _printable(str(rejects_path))}
+        result["options"] = dict(
+            fmt=fmt, on_bad_row=on_bad_row, max_reject_fraction=max_reject_fraction, system_prompt=system_prompt
+        )
+        if report_path:
+            _Out.write_text(report_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    except OutputError as e:
+        log.error("%s", e)
+        return 2
     log.info(_summary(result, out_path))
     if result["rejected"]:
         log.info("rejected rows and reasons: %s", rejects_path)

@@ -26,8 +26,13 @@ def convert_one(tmp_path: Path, src: Path, **kw) -> tuple[list[dict], dict]:
     return read_jsonl(result.train_path), result.report
 
 
-def content_id(messages: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()[:16]
+def content_id(messages: list[dict], meta: dict | None = None) -> str:
+    """The documented id of a sample without an input id: sha256 of its messages JSON, then a
+    newline and its meta JSON when it carries fields."""
+    text = json.dumps(messages, ensure_ascii=False)
+    if meta is not None:
+        text += "\n" + json.dumps(meta, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def msg(role: str, content: str) -> dict:
@@ -73,16 +78,19 @@ def test_seed002_belle_human_role_is_user_multi_turn(tmp_path):
     assert samples[1]["source"] == "seed002_belle.jsonl:2"
 
 
-def test_seed003_messages_drop_type_and_source_fields(tmp_path):
+def test_seed003_messages_carry_type_and_source_fields_in_meta(tmp_path):
     samples, report = convert_one(tmp_path, FIXTURES / "seed003_messages.jsonl")
     assert report["format_per_file"][str(FIXTURES / "seed003_messages.jsonl")] == "messages"
+    messages = [
+        msg("system", "You are a helpful assistant."),
+        msg("user", "What is your name?"),
+        msg("assistant", "My name is Qwen."),
+    ]
+    meta = {"type": "chatml", "source": "self-made"}  # fields ftflow does not read are kept, not dropped
     assert samples[1] == {
-        "id": content_id(samples[1]["messages"]),
-        "messages": [
-            msg("system", "You are a helpful assistant."),
-            msg("user", "What is your name?"),
-            msg("assistant", "My name is Qwen."),
-        ],
+        "id": content_id(messages, meta),
+        "messages": messages,
+        "meta": meta,
         "source": "seed003_messages.jsonl:2",
     }
 
@@ -135,7 +143,7 @@ CORPUS: list[tuple[bytes, str | None]] = [
     (b'{"messages": "hi"}', "wrong_type"),
     (json.dumps({"messages": [{"role": "user"}]}).encode(), "missing_field"),
     (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), "wrong_type"),
-    (json.dumps(_m(("tool", "x"), ("assistant", "y"))).encode(), "unknown_role"),
+    (json.dumps(_m(("narrator", "x"), ("assistant", "y"))).encode(), "unknown_role"),
     (json.dumps(_m(("user", "a"), ("system", "s"), ("assistant", "b"))).encode(), "system_not_first"),
     (json.dumps(_m(("user", "a"), ("user", "b"), ("assistant", "c"))).encode(), "roles_not_alternating"),
     (json.dumps(_m(("assistant", "a"))).encode(), "roles_not_alternating"),
@@ -150,6 +158,9 @@ CORPUS: list[tuple[bytes, str | None]] = [
     (json.dumps(_m(("user", "x3"), ("assistant", "y3"), id=3.5)).encode(), "wrong_type"),
     (b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "b"}]}', "invalid_utf8"),
     (json.dumps(_m(("human", "q"), ("GPT", "a"))).encode(), None),  # aliases, any case
+    (json.dumps(_m(("user", "t"), ("tool", "x"), ("assistant", "y"))).encode(), "unsupported_tool_call"),
+    (json.dumps(_m(("user", "z"), ("assistant", "\u200b\ufeff \u2060"))).encode(), "empty_content"),  # invisible only
+    (b'{"messages": [], "n": ' + b"7" * 5000 + b"}", "invalid_json"),  # past int's 4300-digit limit
 ]
 
 

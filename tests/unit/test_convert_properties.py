@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import unicodedata
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -29,6 +30,11 @@ turn = st.fixed_dictionaries({"role": roles, "content": contents})
 odd_turn = st.one_of(turn, st.just({"role": "user"}), st.builds(dict, role=roles, content=st.integers()), st.none())
 conversations = st.lists(st.one_of(turn, turn, turn, odd_turn), max_size=6)
 
+def blank(text: str) -> bool:
+    """Nothing visible: whitespace and Unicode format characters (Cf: zero-width, BOM, marks)."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+
+
 ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
@@ -39,7 +45,7 @@ def expected_messages(turns: list, sft: bool) -> list[dict] | None:
         if not isinstance(t, dict) or not isinstance(t.get("content"), str):
             return None
         role = ALIASES.get(str(t.get("role")).lower())
-        if role is None or not t["content"].strip():
+        if role is None or blank(t["content"]):
             return None
         out.append({"role": role, "content": t["content"]})
     body = [m["role"] for m in out if m["role"] != "system"]
