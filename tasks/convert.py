@@ -687,7 +687,7 @@ _TOOLS_HINT = (
     "where the reply does not depend on it"
 )
 _TOOL_CALL_HINT = (
-    "{what}: a tool call or tool result (function calling), which ftflow does not train yet. Drop these "
+    "{what}: function calling (a tool call or a tool's result), which ftflow does not train yet. Drop these "
     "rows, or keep only conversations without tool turns"
 )
 _MEDIA = (("images", "unsupported_images"), ("image", "unsupported_images"), ("videos", "unsupported_videos"),
@@ -714,8 +714,7 @@ def _unsupported(row: dict) -> None:
     for key, reason in _MEDIA:
         if key in row and not _empty(row[key]):
             value = row[key]
-            count = f"{len(value)} " if value.__class__ is list else ""
-            what = f"`{key}` holds {count}{key.rstrip('s')} item(s)"
+            what = f"`{key}` lists {len(value)} file(s)" if value.__class__ is list else f"the row has `{key}`"
             raise _Reject(reason, _IMAGES_HINT.format(what=what))
     for key in ("tools", "functions"):
         if key in row and not _empty(row[key]):
@@ -725,7 +724,7 @@ def _unsupported(row: dict) -> None:
                         str(item.get("role", item.get("from"))).lower() in _TOOL_ROLES
                         or any(not _empty(item.get(k)) for k in _TOOL_KEYS)
                     ):
-                        what = f"message {i} is a tool call or result (and the row declares `{key}`)"
+                        what = f"message {i} is a tool call or result, with `{key}` declared"
                         raise _Reject("unsupported_tool_call", _TOOL_CALL_HINT.format(what=what))
             raise _Reject("unsupported_tools", _TOOLS_HINT.format(what=f"the row declares `{key}`", key=key))
 
