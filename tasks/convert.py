@@ -4,45 +4,68 @@ Every input row ends in exactly one place: `train.jsonl` / `eval.jsonl`, or `rej
 reason code. `rows_in = rows_out + rejected + duplicates` is asserted at the end of every run.
 
 Canonical sample, one JSON object a line (UTF-8, not ASCII-escaped):
-    {"id": "...", "messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...], "source": "a.jsonl:12"}
-    {"id": "...", "text": "...", "source": "..."}                  raw text, objective pretrain only
-`id` is the input's `id` field (string or integer) when present, else the first 16 hex digits of the
-sha256 of the sample's `messages` (or `text`) JSON exactly as written in the line. U+0085, U+2028
-and U+2029 are written as JSON escapes, so readers that split lines with str.splitlines() see one
-sample a line.
+    {"id": "...", "messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...], "meta"?: {...}, "source": "a.jsonl:12"}
+    {"id": "...", "text": "...", "meta"?: {...}, "source": "..."}   raw text, objective pretrain only
+`meta` holds the row's fields that the format does not read (`type`, `category`, an empty `tools`,
+...), as they were: nothing is dropped. `id` is the input's `id` field (string or integer) when
+present, else the first 16 hex digits of the sha256 of the sample's `messages` (or `text`) JSON
+exactly as written in the line, followed by "\n" and its `meta` JSON when it has one. U+0085,
+U+2028 and U+2029 are written as JSON escapes, so readers that split lines with str.splitlines()
+see one sample a line.
 
 Inputs: files, folders (every supported file inside, recursively, hidden files skipped), globs, a
 `datasets` `save_to_disk` folder, and `hf:NAME[:SPLIT]` for `datasets.load_dataset(NAME, split=SPLIT
 or "train", streaming=True)` (a hub id or a local dataset folder; offline works from the cache).
     .jsonl .ndjson   one object a line                   rejects say "line"
-    .json            an array of objects (streamed), or JSONL  "line" where the element starts
+    .json            an array of objects (streamed), one or more pretty-printed objects, or JSONL
+                     (a .jsonl holding an array or pretty-printed objects is read as such too)
+                                                         "line" where the element starts
     .csv .tsv        header + records; `messages`, `conversations` and `history` cells hold JSON
                                                          "row": record number, header not counted
     .parquet         read a batch at a time              "row": 1-based row number
     .gz of the text formats.
+Text files are UTF-8, or UTF-16/UTF-32 with a BOM; lines end in \n, \r\n or \r. One bad row is
+one reject: bytes that do not decode, JSON that does not parse, integers over 4,300 digits,
+nesting too deep. A CSV record that runs over several lines and does not parse (an unterminated
+quote) is rejected by its first line and reading goes on with the next; a column named twice in
+the header is read when its cells agree, else the row is rejected.
 
 Formats, detected per file from the first row with known fields, or forced with `fmt`:
-    messages  {"messages": [{"role", "content"}], "type"?, "source"?}     Qwen2 / OpenAI (seed 003)
+    messages  {"messages": [{"role", "content"}], "system"?}             Qwen2 / OpenAI (seed 003)
     sharegpt  {"conversations": [{"from", "value"}], "system"?}         Qwen, BELLE (seeds 000, 002)
     alpaca    {"instruction", "input"?, "output", "system"?, "history"?}  seed 004
               {"instruct", "input"?, "label"}                            seed 001
     text      {"text"}                                                  objective pretrain only
 Roles: system, user, assistant; `human` → user and `gpt` → assistant (any case). Turn items may use
-`role`/`content` or `from`/`value` in both chat formats.
+`role`/`content` or `from`/`value` in both chat formats. A `system` field becomes the first message
+(a different first system message is `conflicting_system`).
 Alpaca prompts keep the join each seed trains with: `instruction` + "\n" + `input` (seed 004's
 prompt puts input on its own line); `instruct` + `input` with nothing between (seed 001 concatenates,
 its instructions end in "："). An empty part is left out. `history` is [[user, assistant], ...].
 
+Data ftflow does not train yet is rejected with a reason that names it (and the message says what
+to do), never trained without the part it would drop:
+    unsupported_preference_pair  `chosen`/`rejected` (any shape), `preferred_output`/`non_preferred_output`
+    unsupported_kto_label        a boolean `label` (or `kto_tag`)
+    unsupported_images / _videos / _audios   non-empty `images`, `videos`, `audios`; an image content part
+    unsupported_tools            non-empty `tools` / `functions` (a JSON string or a list)
+    unsupported_tool_call        function_call / observation / tool turns, `tool_calls`, `tool_call_id`
+    unsupported_message_field    any other non-null message key than role/content (from/value), e.g. `weight`
+
 Validation, reason codes in rejects.jsonl (`{"file", "line"|"row", "reason", "message", "raw"}`):
     invalid_utf8 invalid_json invalid_csv wrong_type missing_field unknown_role format_mismatch
     system_not_first empty_content roles_not_alternating no_assistant_turn last_turn_not_assistant
-    duplicate_id (an input id already used by a different sample)
-Exact duplicates (same canonical messages/text, whatever the id) are dropped, written to rejects.jsonl
-with reason `duplicate` and counted in `duplicates` only, not in `rejected`. Eval inputs are read
-first, so a sample in both keeps its eval copy and cannot leak into training.
+    duplicate_id (an input id already used by a different sample), conflicting_system, unsupported_*
+`empty_content`: nothing visible (whitespace, zero-width characters, BOMs: Unicode Cf).
+Exact duplicates (same canonical messages/text and meta, whatever the id) are dropped, written to
+rejects.jsonl with reason `duplicate` and counted in `duplicates` only, not in `rejected`. Eval
+inputs are read first, so a sample in both keeps its eval copy and cannot leak into training.
 
-Outputs are written to temporary files and renamed into place; `report.json` is written last and
-a failed run leaves no train.jsonl, eval.jsonl or report.json behind.
+Outputs are refused before anything is read when one is an input (by any spelling, a symbolic or
+hard link) or exists and is not a regular file (a folder, FIFO, device, symbolic link). They are
+written to `.tmp-NAME.ftflow-HOST-PID-*` files and renamed into place; `report.json` is written
+last and a failed run leaves no train.jsonl, eval.jsonl or report.json behind. The next run
+removes the temporary files of a killed one (same names, this host, process gone).
 """
 
 from __future__ import annotations
@@ -72,7 +95,7 @@ import numpy as np
 
 log = logging.getLogger("ftflow")
 
-CONVERTER_VERSION = 1  # bump when the canonical output of the same input changes
+CONVERTER_VERSION = 2  # bump when the canonical output of the same input changes
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 OBJECTIVES = ("sft", "pretrain")
 POLICIES = ("quarantine", "raise")
