@@ -229,6 +229,9 @@ def resolve_inputs(inputs: list[str | Path], exclude: tuple[Path, ...] = ()) -> 
                     "or a folder, a glob or hf:NAME"
                 )
             found.append(_Input(str(path), path.name, kind, path))
+        elif path.exists():  # a FIFO, a device, a socket: reading it could block or never end
+            kind = _not_regular(path.stat().st_mode)
+            raise InputError(f"input {_printable(spec)} is a {kind}; give a regular file, a folder, a glob or hf:NAME")
         elif glob.has_magic(spec):
             matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(spec), recursive=True))]
             files = [p for p in matches if p.is_file() and _kind_of(p) and p.resolve() not in skip]
@@ -1238,6 +1241,9 @@ class _Run:
             line = _escape_breaks(json.dumps(record, ensure_ascii=False, default=_safe_json)).encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: keep it, escaped
             line = json.dumps(record, default=_safe_json).encode("ascii")
+        except RecursionError:  # parsed, but too deep to write back (the parser's limit is a little higher)
+            record["raw"] = f"(not shown: nested too deeply to write as JSON; see {inp.label} {inp.locator} {n})"
+            line = json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace")
         self.rejects.write([line + b"\n"])
 
     def convert(self, inp: _Input, split: str | None) -> None:

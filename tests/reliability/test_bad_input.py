@@ -149,6 +149,10 @@ def _out_is_fifo(tmp: Path) -> None:
     os.mkfifo(tmp / "out.jsonl")
 
 
+def _input_is_fifo(tmp: Path) -> None:
+    os.mkfifo(tmp / "pipe.jsonl")
+
+
 def _out_links_elsewhere(tmp: Path) -> None:
     (tmp / "keep.jsonl").write_text("precious\n")
     (tmp / "out.jsonl").symlink_to(tmp / "keep.jsonl")
@@ -181,6 +185,12 @@ CASES = [
          one_line=True),
     Case("out_is_symlink", {"a.jsonl": GOOD}, ["{in}/a.jsonl", "--out", "{tmp}/out.jsonl"], 2, "symbolic link",
          setup=_out_links_elsewhere, one_line=True),
+    Case("input_is_fifo", {}, ["{tmp}/pipe.jsonl", "--out", "{tmp}/out.jsonl"], 2, "is a FIFO", setup=_input_is_fifo,
+         one_line=True),
+    Case("too_deep_to_write_back", {"d.json": ('[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+                                               '"content": "b"}], "x": ' + "[" * 995 + "]" * 995 + "}]").encode()},
+         ["{in}/d.json", "--out", "{tmp}/out.jsonl", *REPORT, *ALL], 1, "no usable rows", counts=(1, 0, 1, 0),
+         reasons={"invalid_json": 1}),
     # files read wrong: each converted right or rejected with its reason, the count invariant intact
     Case("csv_duplicate_header", {"d.csv": b"instruction,output,output\nq1,same,same\nq2,first,second\n"},
          ["{in}/d.csv", "--out", "{tmp}/out.jsonl", *REPORT, *ALL], 0, "more than once",
