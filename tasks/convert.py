@@ -648,7 +648,10 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any, Any]]:
     import pyarrow.parquet as pq
 
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH):
+    pf = pq.ParquetFile(path)
+    # pandas writes its index as __index_level_N__ columns: a row number, not data (nor meta)
+    columns = [c for c in pf.schema_arrow.names if not re.fullmatch(r"__index_level_\d+__", c)]
+    for batch in pf.iter_batches(batch_size=BATCH, columns=columns):
         for row in batch.to_pylist():
             n += 1
             yield n, None, row

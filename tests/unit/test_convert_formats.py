@@ -213,3 +213,51 @@ def test_rows_that_differ_only_in_a_carried_field_are_not_duplicates(tmp_path):
     samples = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s["meta"] for s in samples] == [{"tools": "[]", "category": "x"}, {"tools": "[]", "category": "y"}]
     assert json.loads((tmp_path / "r.json").read_text())["duplicates"] == 1
+
+
+def _convert_rows(tmp_path: Path, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    convert_cli([str(src)], str(out), max_reject_fraction=1.0)
+    samples = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] if out.exists() else []
+    rejects = [json.loads(line) for line in out.with_name("out.rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    return samples, rejects
+
+
+def test_system_field_applies_to_both_chat_formats_and_a_conflict_is_named(tmp_path):
+    samples, rejects = _convert_rows(tmp_path, [
+        {"messages": [U("q1"), A("a1")], "system": "Be brief."},
+        {"messages": [S("Be brief."), U("q2"), A("a2")], "system": "Be brief."},  # the same: nothing lost
+        {"messages": [S("Be long."), U("q3"), A("a3")], "system": "Be brief."},
+    ])  # fmt: skip
+    assert [s["messages"] for s in samples] == [[S("Be brief."), U("q1"), A("a1")], [S("Be brief."), U("q2"), A("a2")]]
+    assert [r["reason"] for r in rejects] == ["conflicting_system"]
+
+
+def test_alpaca_with_both_spellings_keeps_the_unread_one_in_meta(tmp_path):
+    samples, _ = _convert_rows(tmp_path, [{"instruction": "q", "instruct": "q (old)", "output": "a", "label": "a (old)"}])
+    assert samples[0]["messages"] == [U("q"), A("a")]
+    assert samples[0]["meta"] == {"instruct": "q (old)", "label": "a (old)"}
+
+
+def test_empty_feature_fields_are_not_features(tmp_path):
+    samples, rejects = _convert_rows(tmp_path, [
+        {"messages": [U("q"), A("a")], "images": [], "tools": None, "chosen": ""},
+        {"messages": [U("q"), A("a"), U("q?"), A("b")], "label": "not a KTO flag"},
+    ])  # fmt: skip
+    assert rejects == []
+    assert [s["meta"] for s in samples] == [{"images": [], "tools": None, "chosen": ""}, {"label": "not a KTO flag"}]
+
+
+def test_parquet_index_columns_are_not_meta(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"instruction": ["a", "a"], "output": ["b", "b"], "__index_level_0__": [5, 9]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    out = tmp_path / "out.jsonl"
+    assert convert_cli([str(tmp_path / "p.parquet")], str(out), report=str(tmp_path / "r.json")) == 0
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(s["messages"], s.get("meta")) for s in samples] == [([U("a"), A("b")], None)]
+    assert json.loads((tmp_path / "r.json").read_text())["duplicates"] == 1  # pandas' row numbers made no difference
