@@ -62,7 +62,8 @@ rejects.jsonl with reason `duplicate` and counted in `duplicates` only, not in `
 inputs are read first, so a sample in both keeps its eval copy and cannot leak into training.
 
 Outputs are refused before anything is read when one is an input (by any spelling, a symbolic or
-hard link) or exists and is not a regular file (a folder, FIFO, device, symbolic link). They are
+hard link) or exists and is not a regular file (a folder, FIFO, device, symbolic link) or is
+read-only. They are
 written to `.tmp-NAME.ftflow-HOST-PID-*` files and renamed into place; `report.json` is written
 last and a failed run leaves no train.jsonl, eval.jsonl or report.json behind. The next run
 removes the temporary files of a killed one (same names, this host, process gone).
@@ -1159,6 +1160,9 @@ def _check_outputs(outputs: dict[str, Path], inputs: list[_Input]) -> None:
         if kind is not None:
             raise InputError(f"{shown} is a {kind}; ftflow writes a regular file there (a temporary file renamed "
                              "into place) and replaces nothing else: give the path of a file")  # fmt: skip
+        if not lst.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+            raise InputError(f"{shown} is read-only; ftflow does not replace a write-protected file: make it "
+                             "writable (chmod u+w) or give another path")  # fmt: skip
 
 
 def _alive(pid: int) -> bool:

@@ -101,6 +101,7 @@ import csv as _csv  # noqa: E402
 import hashlib  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import stat  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -149,8 +150,21 @@ def _out_is_fifo(tmp: Path) -> None:
     os.mkfifo(tmp / "out.jsonl")
 
 
+def _out_is_read_only(tmp: Path) -> None:
+    (tmp / "out.jsonl").write_text("kept\n")
+    (tmp / "out.jsonl").chmod(0o444)
+
+
 def _input_is_fifo(tmp: Path) -> None:
     os.mkfifo(tmp / "pipe.jsonl")
+
+
+def _out_is_device(tmp: Path) -> None:
+    # a private copy of /dev/null's node: never the real one, which a regression would replace (as root)
+    try:
+        os.mknod(tmp / "out.jsonl", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root (CAP_MKNOD)")
 
 
 def _out_links_elsewhere(tmp: Path) -> None:
@@ -181,10 +195,12 @@ CASES = [
          setup=_out_is_dir, one_line=True),
     Case("out_is_fifo", {"a.jsonl": GOOD}, ["{in}/a.jsonl", "--out", "{tmp}/out.jsonl"], 2, "FIFO",
          setup=_out_is_fifo, one_line=True),
-    Case("out_is_device", {"a.jsonl": GOOD}, ["{in}/a.jsonl", "--out", "/dev/null"], 2, "character device",
-         one_line=True),
+    Case("out_is_device", {"a.jsonl": GOOD}, ["{in}/a.jsonl", "--out", "{tmp}/out.jsonl"], 2, "character device",
+         setup=_out_is_device, one_line=True),
     Case("out_is_symlink", {"a.jsonl": GOOD}, ["{in}/a.jsonl", "--out", "{tmp}/out.jsonl"], 2, "symbolic link",
          setup=_out_links_elsewhere, one_line=True),
+    Case("out_is_read_only", {"a.jsonl": GOOD}, ["{in}/a.jsonl", "--out", "{tmp}/out.jsonl"], 2, "read-only",
+         setup=_out_is_read_only, one_line=True),
     Case("input_is_fifo", {}, ["{tmp}/pipe.jsonl", "--out", "{tmp}/out.jsonl"], 2, "is a FIFO", setup=_input_is_fifo,
          one_line=True),
     Case("too_deep_to_write_back", {"d.json": ('[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
@@ -271,6 +287,10 @@ def test_convert_bad_data_table(tmp_path, case: Case):
         assert len(err.strip().splitlines()) == 1, err
     if case.setup is _out_links_elsewhere:
         assert (tmp_path / "out.jsonl").is_symlink() and (tmp_path / "keep.jsonl").read_text() == "precious\n"
+    if case.setup is _out_is_read_only:
+        assert (tmp_path / "out.jsonl").read_text() == "kept\n"
+    if case.setup is _out_is_device:
+        assert stat.S_ISCHR((tmp_path / "out.jsonl").lstat().st_mode)
     if case.setup is _out_is_dir:
         assert (tmp_path / "out.jsonl").is_dir()
     if case.counts is not None:
