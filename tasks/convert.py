@@ -454,7 +454,8 @@ def _read_json(path: Path, kind: str = "json") -> Iterator[tuple[int, Any, Any]]
     array = layout == "array"
     with _open(path) as f:
         first = f.read(_CHUNK)
-        decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        # line ends \r\n and \r read as \n (JSON has no raw CR inside strings), so lines count right
+        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")("surrogateescape"), translate=True)
         buf = decoder.decode(first).lstrip("\ufeff")
         bad_bytes = bool(_BAD_BYTES.search(buf))
         pos = buf.index("[") + 1 if array else 0

@@ -220,6 +220,8 @@ CASES = [
          outputs=[_row("a?", "A")["messages"], _row("b?", "B")["messages"]]),
     Case("jsonl_cr_only_line_ends", {"cr.jsonl": _jsonl(_row("1?", "one"), _row("2?", "two"), _row("3?", "three"), end="\r")},
          ["{in}/cr.jsonl", "--out", "{tmp}/out.jsonl", *REPORT], 0, counts=(3, 3, 0, 0)),
+    Case("json_cr_only_line_ends", {"cr.json": json.dumps([_row("1?", "one"), _row("2?", "two")], indent=1).replace("\n", "\r").encode()},
+         ["{in}/cr.json", "--out", "{tmp}/out.jsonl", *REPORT], 0, counts=(2, 2, 0, 0)),
     Case("csv_cr_only_line_ends", {"cr.csv": b"instruction,output\r1?,one\r2?,\"two\rlines\"\r"},
          ["{in}/cr.csv", "--out", "{tmp}/out.jsonl", *REPORT], 0, counts=(2, 2, 0, 0),
          outputs=[[{"role": "user", "content": "1?"}, {"role": "assistant", "content": "one"}],

@@ -261,3 +261,14 @@ def test_parquet_index_columns_are_not_meta(tmp_path):
     samples = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(s["messages"], s.get("meta")) for s in samples] == [([U("a"), A("b")], None)]
     assert json.loads((tmp_path / "r.json").read_text())["duplicates"] == 1  # pandas' row numbers made no difference
+
+
+def test_cr_only_json_array_keeps_its_line_numbers(tmp_path):
+    src = tmp_path / "cr.json"
+    src.write_bytes(b'[\r {"instruction": "a", "output": "b"},\r {"instruction": "c", output: "d"},\r'
+                    b' {"instruction": "e", "output": "f"}\r]\r')
+    out = tmp_path / "out.jsonl"
+    convert_cli([str(src)], str(out), max_reject_fraction=1.0)
+    assert [json.loads(line)["source"] for line in out.read_text().splitlines()] == ["cr.json:2", "cr.json:4"]
+    reject = json.loads(out.with_name("out.rejects.jsonl").read_text())
+    assert (reject["line"], reject["reason"]) == (3, "invalid_json")
