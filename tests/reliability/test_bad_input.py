@@ -142,6 +142,10 @@ def _symlink_out_to_input(tmp: Path) -> None:
     (tmp / "link.jsonl").symlink_to(tmp / "in" / "a.jsonl")
 
 
+def _hard_link_to_input(tmp: Path) -> None:
+    os.link(tmp / "in" / "a.jsonl", tmp / "link.jsonl")
+
+
 def _out_is_dir(tmp: Path) -> None:
     (tmp / "out.jsonl").mkdir()
 
@@ -182,6 +186,8 @@ CASES = [
          "is the input", one_line=True),
     Case("out_is_input_via_symlink", {"a.jsonl": GOOD}, ["{in}/a.jsonl", "--out", "{tmp}/link.jsonl"], 2,
          "is the input", setup=_symlink_out_to_input, one_line=True),
+    Case("out_is_hard_link_to_input", {"a.jsonl": GOOD}, ["{in}/a.jsonl", "--out", "{tmp}/link.jsonl"], 2,
+         "is the input", setup=_hard_link_to_input, one_line=True),
     Case("out_is_input_inside_input_folder", {"a.jsonl": GOOD}, ["{in}", "--out", "{in}/a.jsonl"], 2, "is the input",
          one_line=True),
     Case("report_is_input", {"a.jsonl": GOOD, "r.json": b'{"instruction": "a", "output": "b"}\n'},
