@@ -66,7 +66,8 @@ hard link) or exists and is not a regular file (a folder, FIFO, device, symbolic
 read-only. They are
 written to `.tmp-NAME.ftflow-HOST-PID-*` files and renamed into place; `report.json` is written
 last and a failed run leaves no train.jsonl, eval.jsonl or report.json behind. The next run
-removes the temporary files of a killed one (same names, this host, process gone).
+removes the temporary files of a killed one (same names, this host, process gone; version 1's
+`.tmp-NAME-XXXXXXXX` once unmodified for a day).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 import unicodedata
 import zlib
 from dataclasses import dataclass
@@ -1044,6 +1046,7 @@ def _keys(digests: list[bytes]) -> np.ndarray:
 
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
 _TMP_TAG = ".ftflow-"  # .tmp-NAME.ftflow-HOST-PID-RANDOM: a temporary output of this module
+_LEGACY_TMP_AGE_S = 24 * 3600  # .tmp-NAME-RANDOM (converter version 1) untouched this long: left by a killed run
 
 
 class _Out:
@@ -1181,19 +1184,29 @@ def _alive(pid: int) -> bool:
 def _remove_stale(finals: list[Path]) -> list[str]:
     """Remove the temporary files that killed runs of this module left beside `finals`: only
     ours (`.tmp-NAME.ftflow-HOST-PID-…` for these very names), only from this host, only regular
-    files, and only once their process is gone. Returns the names removed."""
+    files, and only once their process is gone; those of converter version 1 (`.tmp-NAME-XXXXXXXX`,
+    no pid) once unmodified for a day. Returns the names removed."""
     removed = []
+    old_enough = time.time() - _LEGACY_TMP_AGE_S
     for final in finals:
         prefix = f".tmp-{final.name}{_TMP_TAG}{_HOST}-"
+        legacy = f".tmp-{final.name}-"  # before the pid was in the name: no owner to ask, so by age
         try:
             entries = list(os.scandir(final.parent))
         except OSError:
             continue
         for entry in entries:
-            if not entry.name.startswith(prefix):
-                continue
-            m = re.fullmatch(r"(\d+)-[A-Za-z0-9_]+", entry.name[len(prefix) :])
-            if m is None or _alive(int(m.group(1))):
+            if entry.name.startswith(prefix):
+                m = re.fullmatch(r"(\d+)-[A-Za-z0-9_]+", entry.name[len(prefix) :])
+                if m is None or _alive(int(m.group(1))):
+                    continue
+            elif entry.name.startswith(legacy) and re.fullmatch(r"[a-z0-9_]{8}", entry.name[len(legacy) :]):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime > old_enough:
+                        continue
+                except OSError:
+                    continue
+            else:
                 continue
             try:
                 if entry.is_file(follow_symlinks=False):

@@ -372,10 +372,15 @@ def test_killed_convert_leaves_temp_files_that_the_next_run_removes(tmp_path):
     live.write_text("live")
     other.write_text("other")
     folder.mkdir()
+    legacy_old = out_dir / ".tmp-o.jsonl-k2j4h5g6"  # converter version 1's name, no pid: removed once a day old
+    legacy_new = out_dir / ".tmp-r.json-a1b2c3d4"
+    legacy_old.write_text("old")
+    legacy_new.write_text("recent")
+    os.utime(legacy_old, (time.time() - 2 * 86400, time.time() - 2 * 86400))
     small = tmp_path / "small.jsonl"
     small.write_bytes(GOOD)
     again = _convert([str(small), "--out", str(out), "--report", str(out_dir / "r.json")])
     assert again.returncode == 0, again.stderr
     assert "removed" in again.stderr.decode() and "left by a killed convert" in again.stderr.decode()
-    assert sorted(p.name for p in out_dir.glob(".tmp-*")) == sorted([live.name, other.name, folder.name])
+    assert sorted(p.name for p in out_dir.glob(".tmp-*")) == sorted([live.name, other.name, folder.name, legacy_new.name])
     assert len(out.read_text().splitlines()) == 2
