@@ -44,14 +44,14 @@ class _ConsoleFormatter(logging.Formatter):
         return super().format(record)
 
 
-def _setup(debug: bool = False) -> None:
+def _setup() -> None:
     from infra.local import configure_environment
 
     _check_state_dir()
     configure_environment()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ConsoleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     for noisy in ("httpx", "alembic", "mlflow.store", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -77,7 +77,10 @@ def _err(message: str) -> None:
     """`error: MESSAGE` on stderr, whatever the terminal's encoding (a non-UTF-8 file name stays printable)."""
     data = f"error: {message}\n".encode(sys.stderr.encoding or "utf-8", "backslashreplace")
     sys.stderr.flush()
-    sys.stderr.buffer.write(data) if hasattr(sys.stderr, "buffer") else sys.stderr.write(data.decode("ascii", "replace"))
+    if hasattr(sys.stderr, "buffer"):
+        sys.stderr.buffer.write(data)
+    else:  # a replaced stream without bytes underneath
+        sys.stderr.write(data.decode(sys.stderr.encoding or "utf-8", "replace"))
     sys.stderr.flush()
 
 
@@ -215,7 +218,6 @@ def cmd_show_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from flows.evaluate import eval_cli
     from tasks.evaluate import read_eval_jsonl
 
     _check_model_arg(args.model)
@@ -226,6 +228,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        "JSONL file, e.g. data/demo/reverse_eval.jsonl (`ftflow convert` makes one)") from None
     except (ValueError, OSError) as err:
         raise CliError(f"--data {args.data}: {err}") from None
+    from flows.evaluate import eval_cli  # Prefect: imported once the input is known to be good
+
     gen = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
                                          "no_repeat_ngram_size") if getattr(args, k) is not None}
     return eval_cli(args.model, args.data, args.max_samples, args.batch_size, args.max_new_tokens,
@@ -245,16 +249,36 @@ def _why(text: str) -> str:
     return text
 
 
+def _registry_check(check, *args, **kwargs) -> None:
+    """Run a registry check before Prefect is imported: no such model/version -> exit 2, refused -> exit 1."""
+    from tasks.registry import PromotionRefused
+
+    try:
+        check(*args, **kwargs)
+    except LookupError as err:
+        raise CliError(str(err)) from None
+    except PromotionRefused as err:
+        raise CliError(str(err), code=1) from None
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
+    from tasks.registry import promotable_version
+
+    why = _why(args.why)
+    _registry_check(promotable_version, args.name, args.version, force=args.force)
     from flows.promote import promote_cli
 
-    return promote_cli(args.name, args.version, args.force, _why(args.why))
+    return promote_cli(args.name, args.version, args.force, why)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from tasks.registry import rollback_target
+
+    why = _why(args.why)
+    _registry_check(rollback_target, args.name)
     from flows.promote import rollback_cli
 
-    return rollback_cli(args.name, _why(args.why))
+    return rollback_cli(args.name, why)
 
 
 def _version_number(text: str) -> str:
@@ -380,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     try:
-        _setup(debug)
+        _setup()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         _err("interrupted")
