@@ -137,6 +137,7 @@ WITH_REGISTRY = [
 ]
 
 
+@pytest.mark.integration  # three real Prefect flow runs (promote, promote, rollback): ~1-3 min on a busy 2-core machine
 def test_registry_commands(registry_home):
     for name, argv, code, fragments in WITH_REGISTRY:
         proc = ftflow(registry_home, *argv)
@@ -149,6 +150,26 @@ def test_registry_commands(registry_home):
     assert proc.returncode == 0 and "ftflow-demo: champion none -> 2" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
     proc = ftflow(registry_home, "rollback", "ftflow-demo", "--why", "x")  # version 2 replaced nobody
     assert_one_error(proc, 1, "has no previous champion recorded")
+    proc = ftflow(registry_home, "promote", "ftflow-demo", "1", "--force", "--why", "second thoughts")
+    assert proc.returncode == 0 and "ftflow-demo: champion 2 -> 1" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    # The README's `ftflow rollback NAME --why TEXT`, for real.
+    proc = ftflow(registry_home, "rollback", "ftflow-demo", "--why", "bad replies")
+    assert proc.returncode == 0 and "ftflow-demo: champion 1 -> 2 (rollback)" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    import mlflow
+
+    uri = f"sqlite:///{registry_home / 'mlflow.db'}"
+    mv = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("ftflow-demo", "1")
+    assert mv.tags["ftflow.rollback.why"] == "bad replies" and mv.tags["ftflow.promotion.why"] == "second thoughts"
+
+
+def test_lookup_version_finds_what_exists(registry_home, monkeypatch):
+    from tasks.registry import lookup_version
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registry_home / 'mlflow.db'}")
+    assert lookup_version("ftflow-demo", "2").version in ("2", 2)
+    assert lookup_version("ftflow-demo") is None
+    with pytest.raises(LookupError, match="no alias @nope"):
+        lookup_version("ftflow-demo", alias="nope")
 
 
 def test_debug_shows_the_traceback(tmp_path):
