@@ -8,6 +8,10 @@
     ftflow generate --model models:/NAME@ALIAS|PATH "prompt"
     ftflow promote NAME VERSION [--force] --why TEXT
     ftflow rollback NAME --why TEXT
+
+Every failure is one `error: ...` line on stderr (what failed, the file/key/URL, what to do) and
+exit code 2 for bad input (config, arguments, missing files or models), 1 for an operation that
+failed or was refused; `--debug` (anywhere on the command line) shows the Python traceback instead.
 """
 
 from __future__ import annotations
@@ -20,15 +24,64 @@ import time
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/demo.yaml"
+OWN_LOGGERS = ("ftflow", "tasks", "flows", "infra")  # their errors read like the CLI's own: `error: ...`
+
+
+class CliError(Exception):
+    """A problem with what the user asked for, already phrased for them (exit 2 unless `code`)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Errors of ftflow's own loggers print as `error: ...`, like the CLI's; the rest with time and source."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.ERROR and record.name.split(".")[0] in OWN_LOGGERS and not record.exc_info:
+            return "error: " + record.getMessage()
+        return super().format(record)
 
 
 def _setup() -> None:
     from infra.local import configure_environment
 
+    _check_state_dir()
     configure_environment()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ConsoleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     for noisy in ("httpx", "alembic", "mlflow.store", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _check_state_dir() -> None:
+    """`FTFLOW_HOME` must be a folder ftflow can create or use (it holds MLflow, Prefect and caches)."""
+    import os
+
+    home = os.environ.get("FTFLOW_HOME")
+    if not home:
+        return
+    path = Path(home).expanduser()
+    fix = "set FTFLOW_HOME to a folder (it is created if missing), or unset it to use .ftflow/ in the project"
+    if path.exists() and not path.is_dir():
+        raise CliError(f"FTFLOW_HOME={home} is a file, not a folder; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"FTFLOW_HOME={home} cannot be created ({err.strerror}); {fix}") from None
+
+
+def _err(message: str) -> None:
+    """`error: MESSAGE` on stderr, whatever the terminal's encoding (a non-UTF-8 file name stays printable)."""
+    data = f"error: {message}\n".encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+    sys.stderr.flush()
+    if hasattr(sys.stderr, "buffer"):
+        sys.stderr.buffer.write(data)
+    else:  # a replaced stream without bytes underneath
+        sys.stderr.write(data.decode(sys.stderr.encoding or "utf-8", "replace"))
+    sys.stderr.flush()
 
 
 def _out(text: str = "") -> None:
@@ -37,6 +90,7 @@ def _out(text: str = "") -> None:
 
 
 def _config_path(arg: str | None) -> str:
+    """The config argument, or configs/demo.yaml (of the working directory, else of the project)."""
     if arg:
         return arg
     from ftflow.utils import PROJECT_ROOT
@@ -94,20 +148,87 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        max_reject_fraction=args.max_reject_fraction, system_prompt=args.system_prompt)
 
 
+def _check_config_model(config: str, overrides: list[str]) -> None:
+    """The config's model can be loaded here (a hub id: cached or the hub reachable), checked in seconds."""
+    from ftflow.config import EMBEDDED_PREFIX, load_config
+
+    cfg = load_config(config, overrides)
+    name = cfg.model.name_or_path
+    if not name.startswith(EMBEDDED_PREFIX) and not Path(name).exists():
+        from tasks.base_model import hub_model_problem
+
+        problem = hub_model_problem(name, cfg.model.revision)
+        if problem:
+            raise CliError(f"model.name_or_path: {problem}")
+
+
+def _check_model_arg(ref: str) -> None:
+    """`--model` of eval/generate names something loadable: a registered version or alias, a model
+    folder, `embedded:NAME`, or a hub id that is cached or reachable. Checked before any flow starts."""
+    from ftflow.config import EMBEDDED_PREFIX, looks_like_path
+
+    kinds = "models:/NAME@ALIAS, models:/NAME/VERSION, a model folder, or a Hugging Face Hub id"
+    if ref.startswith("models:/"):
+        from tasks.registry import lookup_version
+
+        rest = ref[len("models:/"):]
+        try:
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                lookup_version(name, alias=alias)
+            elif "/" in rest:
+                name, version = rest.rsplit("/", 1)
+                lookup_version(name, version)
+            else:
+                raise CliError(f"--model {ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        except LookupError as err:
+            raise CliError(f"--model {ref}: {err}") from None
+        return
+    if ref.startswith(EMBEDDED_PREFIX):
+        return
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir() or not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise CliError(f"--model {ref}: {path.resolve()} is not a Hugging Face model folder (no config.json or "
+                           f"adapter_config.json); pass {kinds}")
+        return
+    if looks_like_path(ref):
+        raise CliError(f"--model {ref}: no such folder (resolved to {path.resolve()}); pass {kinds}")
+    from tasks.base_model import hub_model_problem
+
+    problem = hub_model_problem(ref)
+    if problem:
+        raise CliError(f"--model {ref}: {problem}")
+
+
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from tasks.tokenize import tokenize_cli
 
-    return tokenize_cli(_config_path(args.config), args.set, args.json)
+    config = _config_path(args.config)
+    _check_config_model(config, args.set)
+    return tokenize_cli(config, args.set, args.json)
 
 
 def cmd_show_sample(args: argparse.Namespace) -> int:
     from tasks.tokenize import show_sample_cli
 
-    return show_sample_cli(_config_path(args.config), args.set, args.index)
+    config = _config_path(args.config)
+    _check_config_model(config, args.set)
+    return show_sample_cli(config, args.set, args.index)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from flows.evaluate import eval_cli
+    from tasks.evaluate import read_eval_jsonl
+
+    _check_model_arg(args.model)
+    try:  # the data file is read once here, so its problems are named before any flow starts
+        read_eval_jsonl(args.data, args.max_samples)
+    except FileNotFoundError:
+        raise CliError(f"--data {args.data}: no such file (resolved to {Path(args.data).resolve()}); pass a canonical "
+                       "JSONL file, e.g. data/demo/reverse_eval.jsonl (`ftflow convert` makes one)") from None
+    except (ValueError, OSError) as err:
+        raise CliError(f"--data {args.data}: {err}") from None
+    from flows.evaluate import eval_cli  # Prefect: imported once the input is known to be good
 
     gen = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
                                          "no_repeat_ngram_size") if getattr(args, k) is not None}
@@ -118,107 +239,188 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tasks.evaluate import generate_cli
 
+    _check_model_arg(args.model)
     return generate_cli(args.model, args.prompt, args.max_new_tokens, args.system)
 
 
+def _why(text: str) -> str:
+    if not text.strip():
+        raise CliError("--why must say why (it is recorded on the version for the audit trail), e.g. --why \"passed review\"")
+    return text
+
+
+def _registry_check(check, *args, **kwargs) -> None:
+    """Run a registry check before Prefect is imported: no such model/version -> exit 2, refused -> exit 1."""
+    from tasks.registry import PromotionRefused
+
+    try:
+        check(*args, **kwargs)
+    except LookupError as err:
+        raise CliError(str(err)) from None
+    except PromotionRefused as err:
+        raise CliError(str(err), code=1) from None
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
+    from tasks.registry import promotable_version
+
+    why = _why(args.why)
+    _registry_check(promotable_version, args.name, args.version, force=args.force)
     from flows.promote import promote_cli
 
-    return promote_cli(args.name, args.version, args.force, args.why)
+    return promote_cli(args.name, args.version, args.force, why)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from tasks.registry import rollback_target
+
+    why = _why(args.why)
+    _registry_check(rollback_target, args.name)
     from flows.promote import rollback_cli
 
-    return rollback_cli(args.name, args.why)
+    return rollback_cli(args.name, why)
+
+
+def _version_number(text: str) -> str:
+    if not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"VERSION must be a version number such as 1, got {text[:40]!r}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one error prefix: usage, then `error: ...`, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        _err(f"{message} (see `{self.prog} --help`)")
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ftflow",
         description="Fine-tune Hugging Face causal LMs: data -> tokens -> DeepSpeed -> MLflow registry -> scored, promoted models.",
+        epilog="Exit codes: 0 done, 1 the operation failed or was refused, 2 bad input (config, arguments, files, models).",
     )
+    debug_help = "show the full Python traceback of a failure (default: one `error:` line)"
+    p.add_argument("--debug", action="store_true", help=debug_help)
+    # --debug is accepted after the command too (`ftflow run --debug`); SUPPRESS keeps the global value.
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(sp: argparse.ArgumentParser, optional: bool) -> None:
-        sp.add_argument("config", nargs="?" if optional else None, help=f"pipeline YAML (default {DEFAULT_CONFIG})")
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", nargs="?", help=f"pipeline YAML (default {DEFAULT_CONFIG})")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, dotted, validated like the file (e.g. --set train.seed=7); repeatable")
 
-    r = sub.add_parser("run", help="run the whole pipeline (Prefect flow 'finetune') on a config")
-    with_config(r, optional=True)
+    r = sub.add_parser("run", parents=[common], help="run the whole pipeline (Prefect flow 'finetune') on a config")
+    with_config(r)
     r.add_argument("--summary-json", metavar="PATH", help="also write the run summary as JSON")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("convert", help="convert input files to canonical chat JSONL, with a rejects file and report")
+    c = sub.add_parser("convert", parents=[common],
+                       help="convert input files to canonical chat JSONL, with a rejects file and report")
     c.add_argument("inputs", nargs="+", help="files, folders or globs (JSON, JSONL, CSV, Parquet), or hf:NAME[:SPLIT]")
     c.add_argument("--out", required=True, help="canonical JSONL to write (rejects go next to it)")
-    c.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "text"])
-    c.add_argument("--report", help="write the JSON report here")
-    c.add_argument("--on-bad-row", default="quarantine", choices=["quarantine", "raise"])
-    c.add_argument("--max-reject-fraction", type=float, default=0.01)
+    c.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "text"],
+                   help="input format: alpaca (instruction/input/output), sharegpt (conversations from/value), "
+                        "messages (OpenAI role/content), text (plain text); auto detects it per file (default)")
+    c.add_argument("--report", metavar="R.json", help="write the JSON report (counts, rejects by reason) here")
+    c.add_argument("--on-bad-row", default="quarantine", choices=["quarantine", "raise"],
+                   help="quarantine: write bad rows to the rejects file with a reason and go on (default); "
+                        "raise: stop at the first bad row")
+    c.add_argument("--max-reject-fraction", type=float, default=0.01, metavar="F",
+                   help="fail (exit 1) when more than this share of the rows is rejected (default 0.01 = 1%%)")
     c.add_argument("--system-prompt", default=None, help="system message for samples without one")
     c.set_defaults(func=cmd_convert)
 
-    t = sub.add_parser("tokenize", help="build (or hit) the tokenized cache of a config and print its stats")
-    with_config(t, optional=False)
+    t = sub.add_parser("tokenize", parents=[common], help="build (or hit) the tokenized cache of a config and print its stats")
+    with_config(t)
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=cmd_tokenize)
 
-    s = sub.add_parser("show-sample", help="print one tokenized sample with its trained spans marked")
-    with_config(s, optional=False)
-    s.add_argument("--index", type=int, default=0)
+    s = sub.add_parser("show-sample", parents=[common], help="print one tokenized sample with its trained spans marked")
+    with_config(s)
+    s.add_argument("--index", type=int, default=0, metavar="N",
+                   help="which sample of the tokenized train set (0-based; negative counts from the end; default 0)")
     s.set_defaults(func=cmd_show_sample)
 
-    e = sub.add_parser("eval", help="scored inference run (Prefect flow 'evaluate') of a model on a canonical JSONL file")
-    e.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a model folder")
+    models = "models:/NAME@ALIAS, models:/NAME/VERSION, a model folder, or a Hugging Face Hub id"
+    e = sub.add_parser("eval", parents=[common],
+                       help="scored inference run (Prefect flow 'evaluate') of a model on a canonical JSONL file")
+    e.add_argument("--model", required=True, help=models)
     e.add_argument("--data", required=True, help="canonical JSONL (last turn = reference reply)")
-    e.add_argument("--max-samples", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--max-samples", type=int, default=None, metavar="N", help="score only the first N samples")
+    e.add_argument("--batch-size", type=int, default=32, metavar="N", help="prompts generated together (default 32)")
+    e.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="longest reply in tokens (default 64)")
     e.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
-    e.add_argument("--temperature", type=float, default=None)
-    e.add_argument("--top-p", type=float, default=None)
-    e.add_argument("--top-k", type=int, default=None)
-    e.add_argument("--repetition-penalty", type=float, default=None)
-    e.add_argument("--no-repeat-ngram-size", type=int, default=None)
-    e.add_argument("--experiment", default="ftflow", help="MLflow experiment of the scored run")
+    e.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --do-sample)")
+    e.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass (with --do-sample)")
+    e.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (with --do-sample)")
+    e.add_argument("--repetition-penalty", type=float, default=None, help="> 1 makes repeated tokens less likely")
+    e.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N", help="never repeat an n-gram of this size")
+    e.add_argument("--experiment", default="ftflow", help="MLflow experiment of the scored run (default ftflow)")
     e.add_argument("--no-record", action="store_true",
                    help="do not tag a registered version with these scores (it stays unpromotable by them)")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="chat with a model: prints the reply as it is generated")
-    g.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a model folder")
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--system", default=None)
+    g = sub.add_parser("generate", parents=[common], help="chat with a model: prints the reply as it is generated")
+    g.add_argument("--model", required=True, help=models)
+    g.add_argument("prompt", help="the user message")
+    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest reply in tokens (default 128)")
+    g.add_argument("--system", default=None, help="system message")
     g.set_defaults(func=cmd_generate)
 
-    pr = sub.add_parser("promote", help="point alias @champion at a version (Prefect flow 'promote'; refuses unscored versions unless --force)")
-    pr.add_argument("name")
-    pr.add_argument("version")
-    pr.add_argument("--force", action="store_true")
-    pr.add_argument("--why", default="manual promotion")
+    pr = sub.add_parser("promote", parents=[common],
+                        help="point alias @champion at a version (Prefect flow 'promote'; refuses unscored versions unless --force)")
+    pr.add_argument("name", help="registered model name, e.g. ftflow-demo")
+    pr.add_argument("version", type=_version_number, help="version number to make champion, e.g. 3")
+    pr.add_argument("--force", action="store_true",
+                    help="promote even a version without a scored inference run (recorded as forced)")
+    pr.add_argument("--why", required=True, help="the reason, recorded on the version for the audit trail (required)")
     pr.set_defaults(func=cmd_promote)
 
-    rb = sub.add_parser("rollback", help="move @champion back to the previous champion (Prefect flow 'rollback')")
-    rb.add_argument("name")
-    rb.add_argument("--why", default="manual rollback")
+    rb = sub.add_parser("rollback", parents=[common], help="move @champion back to the previous champion (Prefect flow 'rollback')")
+    rb.add_argument("name", help="registered model name, e.g. ftflow-demo")
+    rb.add_argument("--why", required=True, help="the reason, recorded on both versions for the audit trail (required)")
     rb.set_defaults(func=cmd_rollback)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup()
+def _user_error(err: BaseException) -> tuple[int, str] | None:
+    """(exit code, message) for failures that are the user's to fix; None for anything else."""
     from ftflow.config import ConfigError
     from tasks.preflight import PreflightError
 
+    if isinstance(err, CliError):
+        return err.code, str(err)
+    if isinstance(err, (ConfigError, PreflightError)):
+        return 2, str(err)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
+        _setup()
         return int(args.func(args) or 0)
-    except (ConfigError, PreflightError) as err:
-        sys.stderr.write(f"ftflow: {err}\n")
-        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        known = _user_error(err)
+        if known:
+            _err(known[1])
+            return known[0]
+        from ftflow.config import quote
+
+        text = str(err) if len(str(err)) <= 2000 else quote(str(err))
+        _err(f"{text or type(err).__name__} ({type(err).__name__}; run again with --debug for the traceback)")
+        return 1
 
 
 if __name__ == "__main__":

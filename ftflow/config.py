@@ -9,6 +9,9 @@ that cannot work are rejected with the reason and the alternative.
 from __future__ import annotations
 
 import difflib
+import json
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +21,21 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 class ConfigError(ValueError):
     """A config problem, already phrased for the user (file, key, what to do)."""
+
+
+# What an error message may quote of the user's input: enough to recognise it, never megabytes
+# (a YAML alias bomb expands to millions of items; repr() of it would print them all).
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxdict, _QUOTE.maxtuple, _QUOTE.maxset = 2, 4, 4, 4, 4
+_QUOTE.maxstring = _QUOTE.maxother = 120
+QUOTE_LIMIT = 120
+MAX_PROBLEMS = 10  # problems listed in one config error; the rest are counted
+
+
+def quote(value: Any) -> str:
+    """A bounded repr of user input for error messages (at most QUOTE_LIMIT characters)."""
+    text = _QUOTE.repr(value)
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
 
 
 class _Section(BaseModel):
@@ -184,12 +202,14 @@ class PipelineConfig(_Section):
         """Combinations that cannot work, all reported at once, each with the alternative."""
         t = self.train
         problems = []
-        stage = _zero_stage(t.deepspeed) if t.deepspeed else None
-        if t.deepspeed and stage is None:
-            problems.append(
-                f"train.deepspeed={t.deepspeed!r} is not a readable DeepSpeed JSON file; pick one of "
-                "configs/deepspeed/zero2.json, zero3.json, zero3_offload.json, or null (no DeepSpeed)."
-            )
+        model_path, problem = resolve_model_name(self.model.name_or_path, self.base_dir)
+        if problem:
+            problems.append(problem)
+        else:
+            self.model.name_or_path = model_path
+        stage, problem = _zero_stage(t.deepspeed) if t.deepspeed else (None, None)
+        if problem:
+            problems.append(problem)
         if t.mode == "qlora" and stage == 3:
             problems.append(
                 "train.mode=qlora cannot run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned). "
@@ -215,18 +235,70 @@ class PipelineConfig(_Section):
         return self
 
 
-def _zero_stage(path: str) -> int | None:
-    import json
-
-    p = Path(path)
-    if not p.is_absolute():
-        p = Path(__file__).resolve().parent.parent / p
+def _zero_stage(path: str) -> tuple[int | None, str | None]:
+    """(ZeRO stage, None) of a DeepSpeed JSON config, or (None, a message naming the file and the fix)."""
+    p = project_path(path)
+    fix = "pick one of configs/deepspeed/zero2.json, zero3.json, zero3_offload.json, or null (no DeepSpeed)"
     if not p.exists():
-        return None
+        return None, f"train.deepspeed: {path} does not exist (looked for {p}); {fix}."
+    if not p.is_file():
+        return None, f"train.deepspeed: {p} is a folder, not a DeepSpeed JSON file; {fix}."
     try:
-        return int(json.loads(p.read_text()).get("zero_optimization", {}).get("stage", 0))
-    except (ValueError, json.JSONDecodeError):
-        return None
+        conf = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return None, f"train.deepspeed: {p} is not UTF-8 text; {fix}."
+    except json.JSONDecodeError as err:
+        return None, f"train.deepspeed: {p} line {err.lineno}, column {err.colno} is not valid JSON ({err.msg}); {fix}."
+    except OSError as err:
+        return None, f"train.deepspeed: {p} cannot be read ({err.strerror}); {fix}."
+    if not isinstance(conf, dict):
+        return None, (f"train.deepspeed: {p} holds a JSON {type(conf).__name__}, not an object of DeepSpeed "
+                      f"settings ({{\"zero_optimization\": {{\"stage\": 3}}, ...}}); {fix}.")
+    zero = conf.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return None, (f"train.deepspeed: {p}: \"zero_optimization\" must be an object such as {{\"stage\": 3}}, "
+                      f"got {quote(zero)}; {fix}.")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        return None, f"train.deepspeed: {p}: zero_optimization.stage must be 0, 1, 2 or 3, got {quote(stage)}."
+    return int(stage), None
+
+
+EMBEDDED_PREFIX = "embedded:"  # tasks.base_model builds these; the config only passes them on
+# A Hugging Face Hub id: NAME or OWNER/NAME, letters, digits, '-', '_', '.' (no leading '.' or '-').
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+
+
+def looks_like_path(value: str) -> bool:
+    """True for values that can only be a file-system path (`./m`, `../x`, `/abs`, `~/m`, `a/b/c`)."""
+    if value.startswith(EMBEDDED_PREFIX):
+        return False
+    return (value.startswith(("./", "../", "/", "~", ".\\")) or value in (".", "..")
+            or "\\" in value or not _HUB_ID.match(value))
+
+
+def resolve_model_name(value: str, base_dir: str | Path) -> tuple[str, str | None]:
+    """`model.name_or_path` as the stages use it, or a problem message.
+
+    - `embedded:NAME` and Hub ids (`Qwen/Qwen2.5-0.5B-Instruct`) stay as they are;
+    - a folder that exists relative to the config file's folder (like data paths), or an absolute one,
+      becomes its absolute path;
+    - a value that can only be a path (`./m`, `../models/x`, `/abs`) but does not exist is an error,
+      never a hub lookup.
+    """
+    if value.startswith(EMBEDDED_PREFIX):
+        return value, None
+    path = Path(value).expanduser()
+    resolved = (path if path.is_absolute() else Path(base_dir) / path).resolve()
+    if resolved.exists():
+        return str(resolved), None
+    if looks_like_path(value):
+        return value, (
+            f"model.name_or_path: {value} does not exist (resolved to {resolved}); relative model paths are read "
+            f"from the config file's folder ({base_dir}), like data paths. Fix the path, or use a Hugging Face Hub id "
+            "(e.g. Qwen/Qwen2.5-0.5B-Instruct) or embedded:tiny-qwen2."
+        )
+    return value, None
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -242,7 +314,8 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def _format_errors(err: ValidationError, source: str) -> str:
     valid = _valid_keys(PipelineConfig)
     lines = [f"invalid config {source}:"]
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_PROBLEMS]:
         key = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
@@ -252,9 +325,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"  - missing required key '{key}'.")
         elif key:
-            lines.append(f"  - '{key}': {e['msg']} (got {e.get('input')!r}).")
+            lines.append(f"  - '{key}': {e['msg']} (got {quote(e.get('input'))}).")
         else:
             lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"  ... and {len(errors) - MAX_PROBLEMS} more problems")
     return "\n".join(lines)
 
 
@@ -277,7 +352,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        if not all(parts):
+            raise ConfigError(f"--set {quote(item)}: KEY must be dotted names, e.g. --set train.seed=7")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"--set {quote(item)}: the value {quote(value)} is not valid YAML ({getattr(err, 'problem', None) or err}). "
+                f"Quote it to pass a string (--set '{key}=\"...\"'), or close the brackets of a list ([1, 2])."
+            ) from None
     return raw
 
 
@@ -285,12 +368,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; try configs/demo.yaml")
+    if path.is_dir():
+        inside = sorted(q.name for q in path.glob("*.yaml"))[:3]
+        hint = f" such as {path / inside[0]}" if inside else " (e.g. configs/demo.yaml)"
+        raise ConfigError(f"config file {path} is a folder; pass a pipeline YAML file{hint}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                          f"{err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror}); check its permissions") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+        raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
     raw = apply_overrides(raw, overrides or [])

@@ -7,7 +7,10 @@ stage runs for real on a machine with no GPU and no Hugging Face Hub:
   Pad is deliberately *not* eos (seed 001's trap: masking pad == eos means eos is never learned);
 - `Qwen2ForCausalLM` initialised from a fixed seed.
 The build is deterministic (byte-identical files on every build) and cached under the state dir.
-Any other value is passed to `from_pretrained` unchanged (a hub id or a local folder).
+Any other value is passed to `from_pretrained` unchanged (a hub id or a local folder). Relative
+folders are resolved against the config file's folder when the config is loaded
+(`ftflow.config.resolve_model_name`); `hub_model_problem` tells in seconds whether a hub id can be
+loaded here at all (cached, or the hub reachable), instead of a minute of retries.
 """
 
 from __future__ import annotations
@@ -124,6 +127,59 @@ def resolve_model_path(name_or_path: str) -> str:
         os.environ["HF_HUB_OFFLINE"] = "1"
         return str(Path(name_or_path).expanduser().resolve())
     return name_or_path
+
+
+HUB_PROBE_TIMEOUT_S = 5.0  # one HEAD request to the hub endpoint; a DNS failure returns at once
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", "")).upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """None when `endpoint` answers at all (any HTTP status), else why it cannot be reached."""
+    import httpx
+
+    try:
+        httpx.head(endpoint, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+    except httpx.HTTPError as err:
+        return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return None
+
+
+def hub_model_problem(repo_id: str, revision: str | None = None) -> str | None:
+    """Why the hub model `repo_id` cannot be loaded on this machine, or None when it can.
+
+    It can when it is in the local Hugging Face cache, or when the hub answers (then
+    `from_pretrained` downloads it). A cached model with the hub unreachable is loaded offline
+    (`HF_HUB_OFFLINE=1` for this process and its children), so nothing waits on retries. Only
+    one probe is made: seconds, not the minute of retries `from_pretrained` takes to give up.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:  # not a valid repo id: from_pretrained reports it with its own words
+        return None
+    download = (f"Download it on a machine with network (`hf download {repo_id} --local-dir models/"
+                f"{repo_id.rsplit('/', 1)[-1]}`), copy the folder here and point model.name_or_path (or --model) "
+                "at it; a relative path is read from the config file's folder")
+    if _offline():
+        if cached:
+            return None
+        return (f"{repo_id!r} is a Hugging Face Hub id that is not in the local cache ({constants.HF_HUB_CACHE}), "
+                f"and HF_HUB_OFFLINE=1 forbids downloading it. {download}, or unset HF_HUB_OFFLINE where there is network.")
+    why = _hub_unreachable(constants.ENDPOINT)
+    if why is None:
+        return None
+    if cached:
+        log.warning("the Hugging Face Hub (%s) cannot be reached (%s); loading %s from the local cache",
+                    constants.ENDPOINT, why, repo_id)
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the ranks and every later process
+        constants.HF_HUB_OFFLINE = True  # this process: huggingface_hub read the variable at import
+        return None
+    return (f"{repo_id!r} is a Hugging Face Hub id, but the hub ({constants.ENDPOINT}) cannot be reached from "
+            f"here ({why}) and the model is not in the local cache ({constants.HF_HUB_CACHE}). {download}.")
 
 
 def model_fingerprint(path: str) -> str:

@@ -46,7 +46,10 @@ def _model_problems(cfg: PipelineConfig) -> list[str]:
     if not path.exists():
         if m.name_or_path.startswith((".", "/", "~")):
             return [f"model.name_or_path: {m.name_or_path!r} looks like a path but does not exist."]
-        return []  # a hub id: from_pretrained will fetch or report it
+        from tasks.base_model import hub_model_problem  # a hub id: cached, or the hub answers (one probe)
+
+        problem = hub_model_problem(m.name_or_path, m.revision)
+        return [f"model.name_or_path: {problem}"] if problem else []
     problems = []
     cfg_file = path / "config.json"
     if not cfg_file.is_file():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -522,6 +523,53 @@ def resolve_version(model_ref: str) -> tuple[str, str] | None:
     raise ValueError(f"model {model_ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
+def lookup_version(name: str, version: str | None = None, alias: str | None = None):
+    """The ModelVersion `name`/`version` (or `name`@`alias`, or None when neither is given: the model
+    only must exist); LookupError naming what exists instead.
+
+    For the words a person reads before anything is changed: `VERSION` must be a number, the model
+    must be registered, the version or alias must exist (the message lists the ones that do).
+    """
+    from mlflow.exceptions import MlflowException
+
+    if version is not None and not (str(version).isdigit() and int(version) > 0):
+        raise LookupError(f"version must be a version number such as 1, got {str(version)[:40]!r}")
+    client = _client()
+    where = os.environ.get("MLFLOW_TRACKING_URI", "the MLflow registry")
+    try:
+        model = call_with_retry(client.get_registered_model, name)
+    except MlflowException as err:
+        if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        names = [m.name for m in call_with_retry(client.search_registered_models, max_results=10)]
+        known = f"registered models: {', '.join(names)}" if names else "the registry is empty"
+        raise LookupError(f"no registered model {name!r} in {where} ({known}). A finished `ftflow run` "
+                          "registers one (configs/demo.yaml registers ftflow-demo).") from None
+    versions = sorted((int(v.version) for v in call_with_retry(client.search_model_versions, f"name='{name}'")))
+    have = f"versions: {', '.join(map(str, versions[-10:]))}" if versions else "no versions"
+    if alias is None and version is None:
+        return None
+    if alias is not None:
+        if alias not in (model.aliases or {}):
+            aliases = ", ".join(f"@{a}" for a in sorted(model.aliases or {})) or "none"
+            raise LookupError(f"model {name!r} has no alias @{alias} (aliases: {aliases}; {have})")
+        return call_with_retry(client.get_model_version_by_alias, name, alias)
+    if int(version) not in versions:
+        raise LookupError(f"model {name!r} has no version {version} ({have})")
+    return call_with_retry(client.get_model_version, name, str(int(version)))
+
+
+def promotable_version(name: str, version: str, *, force: bool):
+    """The ModelVersion `promote_version` would promote; LookupError / PromotionRefused otherwise."""
+    mv = lookup_version(name, str(version))
+    if not mv.tags.get(TAG_EVAL_RUN) and not force:
+        raise PromotionRefused(
+            f"{name} version {mv.version} has no scored inference run (tag {TAG_EVAL_RUN}). Score it first "
+            f"(`ftflow eval --model models:/{name}/{mv.version} --data FILE`, or the finetune flow), "
+            "or pass --force to promote it unscored.")
+    return mv
+
+
 def promote_version(name: str, version: str, *, force: bool, why: str, who: str) -> dict[str, Any]:
     """Make `version` of `name` the champion, by a person's decision.
 
@@ -529,20 +577,10 @@ def promote_version(name: str, version: str, *, force: bool, why: str, who: str)
     written by the finetune flow or the `evaluate` flow) unless `force`. Who, why and the scores the
     version earned are written as `ftflow.promotion.*` tags. Returns what happened.
     """
-    from mlflow.exceptions import MlflowException
-
     client = _client()
-    version = str(version)
-    try:
-        mv = call_with_retry(client.get_model_version, name, version)
-    except MlflowException as err:
-        raise LookupError(f"model {name!r} has no version {version!r}: {err.message}") from None
+    mv = promotable_version(name, version, force=force)
+    version = str(mv.version)
     scored_by = mv.tags.get(TAG_EVAL_RUN)
-    if not scored_by and not force:
-        raise PromotionRefused(
-            f"{name} version {version} has no scored inference run (tag {TAG_EVAL_RUN}). Score it first "
-            f"(`ftflow eval --model models:/{name}/{version} --data FILE`, or the finetune flow), "
-            "or pass --force to promote it unscored.")
     previous = current_champion(name)
     scores = version_eval_metrics(name, version)
     previous_scores = version_eval_metrics(name, previous) if previous else {}
@@ -557,18 +595,16 @@ def promote_version(name: str, version: str, *, force: bool, why: str, who: str)
             "reason": reason, "who": who, "why": why}
 
 
-def rollback_champion(name: str, *, why: str, who: str) -> dict[str, Any]:
-    """Move `champion` back to the version the current one replaced (its `previous_champion` tag).
-
-    Both versions get `ftflow.rollback.*` tags (who, why, when, from/to). Refused when there is no
-    champion, no recorded predecessor, or the predecessor was deleted.
-    """
+def rollback_target(name: str) -> tuple[str, str]:
+    """(current champion, the version it replaced) of `name`; LookupError / PromotionRefused otherwise."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
     current = current_champion(name)
     if current is None:
-        raise PromotionRefused(f"model {name!r} has no champion to roll back")
+        lookup_version(name)  # LookupError when there is no such model at all
+        raise PromotionRefused(f"model {name!r} has no champion to roll back; promote a version first "
+                               f"(`ftflow promote {name} VERSION --why TEXT`)")
     mv = call_with_retry(client.get_model_version, name, current)
     previous = mv.tags.get(TAG_PREVIOUS, "")
     if not previous:
@@ -579,6 +615,17 @@ def rollback_champion(name: str, *, why: str, who: str) -> dict[str, Any]:
     except MlflowException:
         raise PromotionRefused(f"previous champion {name} version {previous} no longer exists; "
                                "promote a version explicitly with `ftflow promote`") from None
+    return current, previous
+
+
+def rollback_champion(name: str, *, why: str, who: str) -> dict[str, Any]:
+    """Move `champion` back to the version the current one replaced (its `previous_champion` tag).
+
+    Both versions get `ftflow.rollback.*` tags (who, why, when, from/to). Refused when there is no
+    champion, no recorded predecessor, or the predecessor was deleted.
+    """
+    client = _client()
+    current, previous = rollback_target(name)
     record = {"to": previous, "who": who, "why": why, "at": _now()}
     for k, v in record.items():
         call_with_retry(client.set_model_version_tag, name, current, TAG_ROLLBACK + k, v)

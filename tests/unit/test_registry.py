@@ -230,7 +230,7 @@ def test_promote_version_and_rollback_record_who_and_why(mlflow_sqlite, bare_ver
     bare_versions("m", 2)
     with pytest.raises(PromotionRefused, match="no scored inference run"):
         promote_version("m", "1", force=False, why="", who="alice")
-    with pytest.raises(LookupError, match="no version '7'"):
+    with pytest.raises(LookupError, match=r"no version 7 \(versions: 1, 2\)"):
         promote_version("m", "7", force=True, why="", who="alice")
     with pytest.raises(PromotionRefused, match="no champion"):
         rollback_champion("m", why="", who="alice")
