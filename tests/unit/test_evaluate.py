@@ -361,6 +361,24 @@ def test_reference_nll_equals_plain_model_loss_on_real_vocab(real_noisy):
         assert total == pytest.approx(want_total, rel=1e-5)
 
 
+def test_reference_nll_through_a_lora_adapter(real_noisy):
+    """A PEFT model (what a registered adapter loads as): hidden states and head reached through the wrapper."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = real_noisy
+    prompts, refs = REAL_PROMPTS[:3], REAL_REFS[:3]
+    torch.manual_seed(3)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                           init_lora_weights=False)).eval()
+    want_total, want_count = _plain_loss_sum(peft, tok, prompts, refs)
+    assert want_total != pytest.approx(_plain_loss_sum(model, tok, prompts, refs)[0], rel=1e-3)  # the adapter matters
+    total, count = reference_nll(peft, tok, prompts, refs, batch_size=3, chunk_bytes=1)
+    assert count == want_count
+    assert total == pytest.approx(want_total, rel=1e-5)
+
+
 def test_head_never_sees_more_than_a_chunk_of_positions(real_noisy):
     """The LM head's outputs during the loss pass and generation: one position per row, or one loss
     chunk, never the (B, T, vocab) logits of a batch."""
@@ -425,4 +443,5 @@ def test_eval_peak_rss_on_real_vocab(qwen25_tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["n"] == 50 and out["loss"] > 0
+    print(f"evaluate_model peak RSS: {out['peak_rss_mb']:.0f} MB")
     assert out["peak_rss_mb"] < 2048, out
