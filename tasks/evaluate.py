@@ -9,6 +9,9 @@ Replaces seed 004's loop (one `generate` per prompt, `[/INST]` string splitting)
   that runs into `max_new_tokens` is reported (`stopped=False`, `no_stop_rate`), not silently cut;
 - scores per reply (exact match, character F1, ROUGE-L, sentence BLEU) and the teacher-forced
   loss / perplexity of the references given their prompts.
+- memory bounded in bytes, not tokens, so a 152k vocabulary costs what a 32k one does: generation
+  keeps the logits of the last position only, the loss runs the LM head a chunk of target positions
+  at a time (`tasks/loss.py`), and every batch holds no more rows than fit in `EVAL_BATCH_BYTES`.
 
 `python -m bench.bench_inference` compares this batched loop with seed 004's loop.
 
