@@ -10,6 +10,16 @@ template) and must produce the same replies; the benchmark fails otherwise. The 
 seed 004's: tokenize one prompt, `model.generate(**inputs, generation_config=...)`, decode.
 Note: the random-init tiny model never emits end-of-turn, so every reply runs to
 `--max-new-tokens` in both loops; with a trained model, batches also wait for their longest reply.
+
+Then the product's eval path (`tasks.evaluate.evaluate_model`: generation, scores and the
+teacher-forced loss) runs on the same model, data, batch size and max_new_tokens in a fresh
+process, and its peak RSS is reported beside that of a process that only loads the model (the
+difference is what evaluation itself holds). `--noise` does not apply there (the model is read
+from `--model`). On the real vocabulary (issue 16, 151,665 tokens), e.g.
+
+    python -m bench.bench_inference --model /tmp/qwen2.5-tiny --batch-size 25 --max-new-tokens 4
+
+where the folder is `tests/realvocab.py`'s `real_tiny_model_dir`.
 Results go to bench/results/inference.json.
 """
 
@@ -21,6 +31,7 @@ import platform
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "inference.json"
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo" / "reverse_eval.jsonl"
 
@@ -42,6 +53,47 @@ def seed_loop(model, tokenizer, prompts_messages, max_new_tokens: int, eos_ids: 
         new = seq[0, inputs["input_ids"].shape[1]:]
         out.append(tokenizer.decode(new, skip_special_tokens=True).strip())
     return out
+
+
+_EVAL_CHILD = """
+import json, resource, sys, time
+import torch
+model, data, batch_size, max_new_tokens, max_samples, threads, load_only = sys.argv[1:8]
+if int(threads):
+    torch.set_num_threads(int(threads))
+from tasks.evaluate import evaluate_model, load_for_inference
+t0 = time.perf_counter()
+out = {}
+if load_only == "1":
+    load_for_inference(model)
+else:
+    r = evaluate_model(model, data, gen={"max_new_tokens": int(max_new_tokens)}, batch_size=int(batch_size),
+                       max_samples=int(max_samples) if max_samples != "-" else None)
+    out = {"loss": r.metrics["loss"], "n": r.metrics["n"]}
+out.update(seconds=time.perf_counter() - t0, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print("EVAL_CHILD " + json.dumps(out))
+"""
+
+
+def eval_peak_rss(model: str, data: str, batch_size: int, max_new_tokens: int, max_samples: int | None,
+                  threads: int | None) -> dict:
+    """Peak RSS (MB) of `evaluate_model` in a fresh process, and of a process that only loads the model."""
+    import subprocess
+    import sys
+
+    res = {}
+    for key, load_only in (("load_only", "1"), ("evaluate_model", "0")):
+        proc = subprocess.run(
+            [sys.executable, "-c", _EVAL_CHILD, model, data, str(batch_size), str(max_new_tokens),
+             str(max_samples) if max_samples else "-", str(threads or 0), load_only],
+            cwd=REPO, capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"eval child ({key}) failed:\n{proc.stderr[-3000:]}")
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("EVAL_CHILD "))
+        res[key] = {k: round(v, 4) for k, v in json.loads(line[len("EVAL_CHILD "):]).items()}
+    res["eval_over_load_mb"] = round(res["evaluate_model"]["peak_rss_mb"] - res["load_only"]["peak_rss_mb"], 1)
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_s = time.perf_counter() - t0
 
     mismatches = [i for i, (a, b) in enumerate(zip(seed_out, batch_out)) if a != b["prediction"]]
+    memory = eval_peak_rss(args.model, args.data, args.batch_size, args.max_new_tokens, args.max_samples, args.threads)
     result = {
         "model": args.model,
         "data": str(args.data),
@@ -105,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "noise": args.noise,
         "distinct_replies": len({o["prediction"] for o in batch_out}),
         "no_stop_rate": sum(not o["stopped"] for o in batch_out) / n,
+        "vocab_size": len(tokenizer),
+        "eval_memory": memory,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{f'generate_batch (bs={args.batch_size})':<28}{batch_s:>10.2f}{n / batch_s:>12.2f}{seed_s / batch_s:>8.2f}")
     print(f"outputs equal: {not mismatches}" + (f" (mismatches at {mismatches[:10]})" if mismatches else "")
           + f"; {result['distinct_replies']} distinct replies, no-stop rate {result['no_stop_rate']:.2f}")
+    print(f"evaluate_model (generation + scores + loss, bs={args.batch_size}, vocabulary {len(tokenizer):,}): "
+          f"peak RSS {memory['evaluate_model']['peak_rss_mb']:,.0f} MB, model load alone "
+          f"{memory['load_only']['peak_rss_mb']:,.0f} MB (+{memory['eval_over_load_mb']:,.0f} MB), "
+          f"{memory['evaluate_model']['seconds']:.1f} s")
     print(f"wrote {out}")
     return 0 if not mismatches else 1
 

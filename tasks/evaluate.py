@@ -9,6 +9,9 @@ Replaces seed 004's loop (one `generate` per prompt, `[/INST]` string splitting)
   that runs into `max_new_tokens` is reported (`stopped=False`, `no_stop_rate`), not silently cut;
 - scores per reply (exact match, character F1, ROUGE-L, sentence BLEU) and the teacher-forced
   loss / perplexity of the references given their prompts.
+- memory bounded in bytes, not tokens, so a 152k vocabulary costs what a 32k one does: generation
+  keeps the logits of the last position only, the loss runs the LM head a chunk of target positions
+  at a time (`tasks/loss.py`), and every batch holds no more rows than fit in `EVAL_BATCH_BYTES`.
 
 `python -m bench.bench_inference` compares this batched loop with seed 004's loop.
 
@@ -38,7 +41,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SCORE_KEYS = ("exact_match", "char_f1", "rouge_l", "bleu")
-LOSS_TOKEN_BUDGET = 16384  # tokens per teacher-forced batch: bounds the (B, T, vocab) logits tensor
+# Evaluation memory is bounded in bytes, not tokens: with Qwen's 151,936-token vocabulary one position's
+# fp32 logits take 0.6 MB, so a token budget that suits a 32k vocabulary needs 19 GB at 152k.
+EVAL_BATCH_BYTES = 1 << 30  # activations of one generation or loss batch (KV cache, hidden states, attention)
+LOSS_CHUNK_BYTES = 64 << 20  # fp32 logits of one loss chunk: 110 positions at a 151,936-token vocabulary
 
 
 # --------------------------------------------------------------------------- loading
@@ -168,6 +174,70 @@ def _assemble_hf_dir(root: Path, model_uri: str) -> None:
                 shutil.copy2(f, hf / f.name)
 
 
+# --------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The sizes that set an eval batch's memory, read from the model's config."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_width: int  # key/value heads x head dim
+    elem: int  # bytes per activation (the weights' dtype)
+    logits_to_keep: bool  # forward() can compute the logits of the last position only
+
+
+def _shape(model) -> _Shape:
+    import inspect
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(cfg.hidden_size)
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's forward takes **kwargs
+    return _Shape(
+        vocab=int(model.get_output_embeddings().weight.shape[0]),
+        hidden=hidden,
+        layers=int(cfg.num_hidden_layers),
+        intermediate=int(getattr(cfg, "intermediate_size", None) or 4 * hidden),
+        heads=heads,
+        kv_width=int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim,
+        elem=next(model.parameters()).element_size(),
+        logits_to_keep="logits_to_keep" in inspect.signature(base.forward).parameters,
+    )
+
+
+def batch_bytes(shape: _Shape, rows: int, width: int, *, new_tokens: int = 0, hidden_states: bool = False) -> int:
+    """Upper estimate of the activation bytes of one forward (+ `new_tokens` decoding steps) of a (rows, width) batch.
+
+    Per position: the KV cache (layers x 2 x kv_width), one layer's transient activations (q, k, v,
+    attention output, residual: ~5 x hidden; gate, up and their product: 3 x intermediate) and, when
+    the caller keeps every layer's hidden states (the loss pass), (layers + 1) x hidden. Per row: the
+    attention scores and mask, (heads + 1) x width^2 in fp32 (the eager / math kernels materialise
+    them). The logits: of the last position only where forward() supports `logits_to_keep` (as
+    `generate` and the loss pass ask), else of every position.
+    """
+    positions = rows * (width + new_tokens)
+    per_position = shape.layers * 2 * shape.kv_width + 5 * shape.hidden + 3 * shape.intermediate
+    if hidden_states:
+        per_position += (shape.layers + 1) * shape.hidden
+    logits = rows * (1 if shape.logits_to_keep else width) * shape.vocab
+    return (positions * per_position * shape.elem + rows * (shape.heads + 1) * width * width * 4
+            + logits * (shape.elem + 2 * 4))  # the logits, their fp32 copy and the processed scores
+
+
+def _rows_that_fit(shape: _Shape, width: int, limit: int, budget: int, **kw) -> int:
+    """The most rows (<= limit, >= 1) of `width` positions whose batch fits in `budget` bytes."""
+    rows = 1
+    while rows < limit and batch_bytes(shape, rows + 1, width, **kw) <= budget:
+        rows += 1
+    return rows
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -229,11 +299,15 @@ def _finish(new_ids: list[int], stop: set[int], tokenizer) -> dict:
             "stopped": False, "new_tokens": len(new_ids)}
 
 
-def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: dict, batch_size: int) -> list[dict]:
-    """Replies to chat prompts, `batch_size` at a time, in input order.
+def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: dict, batch_size: int,
+                   memory_bytes: int = EVAL_BATCH_BYTES) -> list[dict]:
+    """Replies to chat prompts, at most `batch_size` at a time, in input order.
 
     Prompts are grouped by length (longest first) so a batch wastes little on padding, and left
-    padded so generation continues from the same position in every row. Returns per prompt
+    padded so generation continues from the same position in every row. A batch also holds no more
+    rows than fit in `memory_bytes` (`batch_bytes`: KV cache, activations, and the logits of the
+    last position only, which is all transformers' `generate` computes where the model's forward()
+    takes `logits_to_keep`). Returns per prompt
     {"prediction": str, "stopped": bool (False: hit max_new_tokens), "new_tokens": int}.
     """
     import torch
@@ -250,9 +324,13 @@ def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: di
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[dict | None] = [None] * len(ids)
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        width = max(len(ids[i]) for i in rows)
+    shape = _shape(model)
+    start = 0
+    while start < len(order):
+        width = len(ids[order[start]])  # the longest of this batch
+        size = _rows_that_fit(shape, width, batch_size, memory_bytes, new_tokens=kw["max_new_tokens"])
+        rows = order[start:start + size]
+        start += size
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
@@ -268,14 +346,22 @@ def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: di
 
 
 def reference_nll(model, tokenizer, prompts_messages: list[list[dict]], references: list[str],
-                  batch_size: int) -> tuple[float, int]:
+                  batch_size: int, memory_bytes: int = EVAL_BATCH_BYTES,
+                  chunk_bytes: int = LOSS_CHUNK_BYTES) -> tuple[float, int]:
     """(sum of token NLLs, token count) of each reference + end of turn, teacher-forced after its prompt.
 
     The target is the chat template's rendering of the assistant turn, cut after its first stop
     token (so template whitespace after end-of-turn is not scored).
+
+    Memory is bounded in bytes: a batch holds no more rows than fit in `memory_bytes`, the model
+    returns its final hidden states (and the logits of one position only), and the LM head and
+    cross-entropy run on the target positions `chunk_bytes` of fp32 logits at a time
+    (`tasks.loss.chunked_causal_lm_loss`, the loss training uses), so the (B, T, vocab) logits
+    never exist. Prompt positions never reach the head.
     """
     import torch
-    import torch.nn.functional as F
+
+    from tasks.loss import chunked_causal_lm_loss
 
     stop = set(stop_token_ids(model, tokenizer))
     pad_id = _pad_id(tokenizer, sorted(stop))
@@ -292,12 +378,18 @@ def reference_nll(model, tokenizer, prompts_messages: list[list[dict]], referenc
         target = target[:cut + 1] if cut is not None else target
         samples.append((p, target))
 
+    shape = _shape(model)
+    head = model.get_output_embeddings()
+    chunk_tokens = max(1, chunk_bytes // (shape.vocab * 4))
+    extra = {"output_hidden_states": True}
+    if shape.logits_to_keep:
+        extra["logits_to_keep"] = 1
     order = sorted(range(len(samples)), key=lambda i: -(len(samples[i][0]) + len(samples[i][1])))
     device = next(model.parameters()).device
     total, count, start = 0.0, 0, 0
     while start < len(order):
         width = len(samples[order[start]][0]) + len(samples[order[start]][1])  # longest of this batch
-        size = max(1, min(batch_size, LOSS_TOKEN_BUDGET // max(width, 1)))
+        size = _rows_that_fit(shape, width, batch_size, memory_bytes, hidden_states=True)
         rows = order[start:start + size]
         start += size
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T), right padded
@@ -310,10 +402,11 @@ def reference_nll(model, tokenizer, prompts_messages: list[list[dict]], referenc
             labels[r, len(p):len(seq)] = torch.tensor(t)
             attention[r, :len(seq)] = 1
         with torch.inference_mode():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        # token t predicts token t+1: (B, T-1, V) against (B, T-1)
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                              labels[:, 1:].reshape(-1).to(device), ignore_index=-100, reduction="sum")
+            out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), **extra)
+            hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
+            del out  # the other layers' hidden states
+            # token t predicts token t+1; num_items_in_batch=1 makes it the sum
+            nll = chunked_causal_lm_loss(hidden, head, labels.to(device), chunk_tokens, num_items_in_batch=1)
         total += float(nll)
         count += int((labels[:, 1:] != -100).sum())
     return total, count

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +294,154 @@ def test_genai_evaluation_logs_one_assessed_trace_per_example(mlflow_sqlite):
         got[json.loads(response) if isinstance(response, str) and response.startswith('"') else response] = values
     for r in rows:
         assert got[r["prediction"]] == pytest.approx({k: r[k] for k in SCORE_KEYS}), r
+
+
+# --------------------------------------------------------------------------- memory on the real vocabulary
+
+# BELLE-like rows: CJK prompts, replies of 40-80 tokens, half of them starting with "\n".
+REAL_PROMPTS = [
+    [{"role": "user", "content": f"请把下面的句子翻译成英文：今天天气很好，我们去公园散步吧。第{i}题"}] for i in range(6)
+]
+REAL_REFS = [("\n" if i % 2 else "") + "The weather is nice today, let's walk in the park. " * (1 + i % 3) + "好的。"
+             for i in range(6)]
+
+
+def belle_like_eval_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        reply = ("\n" if i % 2 else "") + "The weather is nice today, let's go for a walk in the park. " * (3 + i % 4) + "好的。"
+        rows.append({"id": f"belle-{i}", "messages": [
+            {"role": "user", "content": f"请把下面的句子翻译成英文：今天天气很好，我们去公园散步吧。第{i}题"},
+            {"role": "assistant", "content": reply}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def real_noisy(qwen25_tiny_model_dir):
+    """The tiny model on the real 151,665-token vocabulary, re-drawn with larger weights so that
+    token losses differ (the 0.02-std init is close to uniform) and greedy replies differ per prompt."""
+    model, tok, _ = load_for_inference(str(qwen25_tiny_model_dir))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.3)
+    return model, tok
+
+
+def _plain_loss_sum(model, tok, prompts, refs) -> tuple[float, int]:
+    """Independent reference: per sample, transformers' own `model(input_ids, labels=...)` mean loss x its targets.
+
+    The Qwen2.5 template renders a reply as `<|im_start|>assistant\n` + content + `<|im_end|>`: the
+    target is the reply's tokens + <|im_end|>, after the generation prompt's tokens.
+    """
+    total, count = 0.0, 0
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for msgs, ref in zip(prompts, refs):
+        p = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        target = tok(ref, add_special_tokens=False)["input_ids"] + [end]
+        ids = torch.tensor([p + target])
+        labels = torch.tensor([[-100] * len(p) + target])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss
+        total += float(loss) * len(target)
+        count += len(target)
+    return total, count
+
+
+def test_reference_nll_equals_plain_model_loss_on_real_vocab(real_noisy):
+    model, tok = real_noisy
+    want_total, want_count = _plain_loss_sum(model, tok, REAL_PROMPTS, REAL_REFS)
+    assert want_total / want_count > 12.5  # not the near-uniform log(V) = 11.93 of a 0.02-std init
+    default = reference_nll(model, tok, REAL_PROMPTS, REAL_REFS, batch_size=4)
+    # one row per batch, one position per head chunk
+    tiny_budget = reference_nll(model, tok, REAL_PROMPTS, REAL_REFS, batch_size=4, memory_bytes=1, chunk_bytes=1)
+    for total, count in (default, tiny_budget):
+        assert count == want_count
+        assert total == pytest.approx(want_total, rel=1e-5)
+
+
+def test_reference_nll_through_a_lora_adapter(real_noisy):
+    """A PEFT model (what a registered adapter loads as): hidden states and head reached through the wrapper."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = real_noisy
+    prompts, refs = REAL_PROMPTS[:3], REAL_REFS[:3]
+    torch.manual_seed(3)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                           init_lora_weights=False)).eval()
+    want_total, want_count = _plain_loss_sum(peft, tok, prompts, refs)
+    assert want_total != pytest.approx(_plain_loss_sum(model, tok, prompts, refs)[0], rel=1e-3)  # the adapter matters
+    total, count = reference_nll(peft, tok, prompts, refs, batch_size=3, chunk_bytes=1)
+    assert count == want_count
+    assert total == pytest.approx(want_total, rel=1e-5)
+
+
+def test_head_never_sees_more_than_a_chunk_of_positions(real_noisy):
+    """The LM head's outputs during the loss pass and generation: one position per row, or one loss
+    chunk, never the (B, T, vocab) logits of a batch."""
+    model, tok = real_noisy
+    vocab = model.get_output_embeddings().weight.shape[0]
+    shapes: list[tuple] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        reference_nll(model, tok, REAL_PROMPTS, REAL_REFS, batch_size=6, chunk_bytes=20 * vocab * 4)
+        loss_shapes, shapes[:] = list(shapes), []
+        generate_batch(model, tok, REAL_PROMPTS, {"max_new_tokens": 3}, batch_size=6)
+        gen_shapes = list(shapes)
+    finally:
+        hook.remove()
+    assert (6, 1, vocab) in loss_shapes  # the forward's own logits: last position only
+    chunks = [s for s in loss_shapes if len(s) == 2]
+    assert chunks and max(s[0] for s in chunks) == 20 and sum(s[0] for s in chunks) == reference_nll(
+        model, tok, REAL_PROMPTS, REAL_REFS, batch_size=6)[1]  # every target once, 20 at a time
+    assert gen_shapes == [(6, 1, vocab)] * 3  # prefill and each step: the last position only
+
+
+def test_generation_batches_bounded_by_bytes(real_noisy, monkeypatch):
+    from tasks.evaluate import _shape, batch_bytes
+
+    model, tok = real_noisy
+    gen = {"max_new_tokens": 5}
+    want = generate_batch(model, tok, REAL_PROMPTS, gen, batch_size=6)
+    assert len({o["prediction"] for o in want}) > 1  # replies differ per prompt: the equality below means something
+
+    rows_seen: list[int] = []
+    original = type(model).generate
+    monkeypatch.setattr(type(model), "generate",
+                        lambda self, **kw: (rows_seen.append(kw["input_ids"].shape[0]), original(self, **kw))[1])
+    widths = {len(tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False))["input_ids"])
+              for p in REAL_PROMPTS}
+    assert len(widths) == 1  # equal prompt lengths: every batch needs the same bytes
+    two_rows = batch_bytes(_shape(model), 2, widths.pop(), new_tokens=5)
+    assert generate_batch(model, tok, REAL_PROMPTS, gen, batch_size=6, memory_bytes=two_rows) == want
+    assert rows_seen == [2, 2, 2]
+    rows_seen.clear()
+    assert generate_batch(model, tok, REAL_PROMPTS, gen, batch_size=6, memory_bytes=1) == want
+    assert rows_seen == [1] * 6
+
+
+def test_eval_peak_rss_on_real_vocab(qwen25_tiny_model_dir, tmp_path):
+    """Issue 16.4: 50 BELLE-like rows, batch 25, 4 new tokens on the real vocabulary peaked at 7.3 GB
+    (19 GB on longer rows) when the loss pass bounded tokens; bounded by bytes it stays under 2 GB."""
+    import subprocess
+    import sys
+
+    from tests.files import write_jsonl
+
+    data = write_jsonl(tmp_path / "eval.jsonl", belle_like_eval_rows(50))
+    code = (
+        "import json, resource, sys\n"
+        "from tasks.evaluate import evaluate_model\n"
+        "r = evaluate_model(sys.argv[1], sys.argv[2], gen={'max_new_tokens': 4}, batch_size=25)\n"
+        "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **r.metrics}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(qwen25_tiny_model_dir), str(data)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n"] == 50 and out["loss"] > 0
+    print(f"evaluate_model peak RSS: {out['peak_rss_mb']:.0f} MB")
+    assert out["peak_rss_mb"] < 2048, out
