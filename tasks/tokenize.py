@@ -204,7 +204,8 @@ def _prepends_to_each_text(backend) -> bool:
     each text: encoding a reply on its own would then give it a different first token than the
     same text in context. Such tokenizers are encoded whole (offsets locate the trained spans).
     """
-    config = json.loads(backend.to_str())
+    def state(component) -> Any:  # the component's own JSON (not the whole tokenizer's: 151k vocab = 2 s)
+        return json.loads(component.__getstate__()) if component is not None else None
 
     def nodes(node: Any, children: str) -> Iterator[dict]:
         if isinstance(node, dict):
@@ -212,9 +213,9 @@ def _prepends_to_each_text(backend) -> bool:
             for child in node.get(children) or []:
                 yield from nodes(child, children)
 
-    if any(n.get("type") == "Prepend" for n in nodes(config.get("normalizer"), "normalizers")):
+    if any(n.get("type") == "Prepend" for n in nodes(state(backend.normalizer), "normalizers")):
         return True
-    for n in nodes(config.get("pre_tokenizer"), "pretokenizers"):
+    for n in nodes(state(backend.pre_tokenizer), "pretokenizers"):
         if n.get("type") == "Metaspace":
             scheme = n.get("prepend_scheme") or ("always" if n.get("add_prefix_space", True) else "never")
             if scheme != "never":
@@ -333,7 +334,7 @@ class _Builder:
                     if self.multi_turn == "reject":
                         raise _Reject("not_prefix_stable", f"{err}. Set tokenize.multi_turn: auto to train each "
                                       "assistant turn in its own sample with the context inference gives it") from None
-            return self._split(messages, "template"), False
+            return self._split(messages, "template" if self.multi_turn != "split" else "multi_turn_split"), False
         except (_Reject, TemplateError):
             raise  # TemplateError: the template itself is unusable: stop, don't reject every row
         except Exception as err:  # jinja raise_exception / TypeError on odd rows
@@ -593,8 +594,9 @@ class _Builder:
             "truncated": self.truncated,
             "dropped": self.dropped,
             # Conversations trained as one sample per assistant turn (tokenize.multi_turn), the
-            # samples they became, and why: the template rewrites earlier turns ("template"), or an
-            # earlier reply's first characters merge with the prompt's last ("token_boundary").
+            # samples they became, and why: the template rewrites earlier turns ("template"), an
+            # earlier reply's first characters merge with the prompt's last ("token_boundary"), or
+            # `multi_turn: split` ("multi_turn_split").
             "split_conversations": sum(self.split_because.values()),
             "split_samples": self.split_samples,
             "split_because": dict(sorted(self.split_because.items())),
