@@ -11,7 +11,10 @@ The trained span of an assistant turn is its content plus the end-of-turn token
 (`tokenizer.eos_token`, e.g. `<|im_end|>`), not the separator the template writes after it
 (ChatML's trailing "\\n"). Because the span starts exactly where the generation prompt ends, the
 prompt a user sends at inference (`add_generation_prompt=True`) is the text the model saw before
-its first trained token.
+its first trained token. (`tasks.tokenize` encodes the text segment by segment at these edges,
+so this holds for tokens too.) A template that rewrites earlier turns (Qwen3 drops past
+reasoning) is not prefix-stable for such a conversation: `spans` raises NotPrefixStable and
+`turn_sample` renders each assistant turn as its own sample.
 
 Built-in templates (`tokenize.template`):
 - `chatml`: `<|im_start|>role\\ncontent<|im_end|>\\n` (Qwen; needs those two special tokens);

@@ -9,11 +9,15 @@ The output folder is named by a content key (JSONL bytes, tokenizer files, templ
 option that changes tokens, code version), so an unchanged input is a cache hit that does no work,
 and a build that dies half-way leaves only a `.tmp-*` folder that is never mistaken for a hit.
 
-Masks come from the rendered text (see `tasks.templates`): each trained character span is mapped
-to the tokens that overlap it, through the tokens' byte lengths for byte-level BPE tokenizers (exact,
-checked per sample) and the fast tokenizer's offsets otherwise. The label of position 0 is
-always -100: nothing precedes it, so it is never a prediction target (with `pretrain` every other
-token is trained).
+Masks come from the rendered text (see `tasks.templates`): the text is cut at the edges of its
+trained character spans and each segment is encoded on its own, so the tokens before a reply are
+exactly the inference prompt's tokens and no token straddles a prompt/reply edge; a token is
+trained when its segment is. (Tokenizers that prepend to every text they encode are encoded whole,
+and a token is trained when it overlaps a trained span.) A multi-turn conversation whose earlier
+turns the template rewrites (Qwen3), or whose inner edges would change tokens, becomes one sample
+per assistant turn (`tokenize.multi_turn`, README "Templates and masks"). The label of position 0
+is always -100: nothing precedes it, so it is never a prediction target (with `pretrain` every
+other token is trained).
 
 Length policy (`tokenize.length_policy`) for samples longer than `tokenize.max_length` tokens:
 - drop (default): the sample goes to the rejects file (reason `too_long`);
