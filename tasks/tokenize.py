@@ -891,6 +891,9 @@ def tokenize_cli(config_path: str, overrides: list[str], as_json: bool) -> int:
         f"policy   {s['length_policy']} at {s['max_length']}: {s['truncated']} truncated, {s['dropped']} dropped",
         f"rejected {s['rejected_total']} {s['rejected'] or ''}" + (f" → {r.rejects_path}" if r.rejects_path else ""),
     ]
+    if s.get("split_conversations"):
+        lines.append(f"split    {s['split_conversations']} conversations into {s['split_samples']} samples, one per "
+                     f"assistant turn {s['split_because']} (tokenize.multi_turn: {s['multi_turn']})")
     if not r.hit:
         lines.append(f"built    in {s['build_seconds']} s, encode: {s['encoder']}")
     sys.stdout.write("\n".join(lines) + "\n")

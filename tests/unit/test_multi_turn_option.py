@@ -33,3 +33,18 @@ def test_bad_value_is_refused_by_the_api(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "x"}])
     with pytest.raises(TokenizeError, match=r"tokenize\.multi_turn='often': choose auto, split, reject"):
         tokenize_dataset(tmp_path / "in.jsonl", str(tiny_model_dir), cache_root=tmp_path / "c", multi_turn="often")
+
+
+def test_tokenize_cli_reports_the_split(tmp_path, monkeypatch, capsys):
+    from tasks import tokenize as tk
+
+    turns = [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "b a"},
+             {"role": "user", "content": "c d"}, {"role": "assistant", "content": "d c"}]
+    write_jsonl(tmp_path / "canonical.jsonl", [{"id": "m", "messages": turns, "source": "t"}])
+    monkeypatch.setenv("FTFLOW_HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("name: split-test\ndata:\n  train: [canonical.jsonl]\n  eval_fraction: 0.0\n")
+    assert tk.tokenize_cli(str(cfg), ["tokenize.multi_turn=split"], as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "samples  2 of 1 rows" in out
+    assert "split    1 conversations into 2 samples, one per assistant turn {'multi_turn_split': 1}" in out
