@@ -83,6 +83,13 @@ class TokenizeConfig(_Section):
     train_on: Literal["all_assistant", "last_assistant"] = Field("all_assistant", description="Which assistant turns sft trains.")
     max_length: int = Field(512, gt=8, description="Longest sample in tokens.")
     length_policy: Literal["drop", "truncate", "raise"] = Field("drop", description="What to do with longer samples.")
+    multi_turn: Literal["auto", "split", "reject"] = Field(
+        "auto",
+        description="Multi-turn sft conversations. auto: one sample per conversation where every assistant turn "
+        "sees exactly the tokens inference sends it, else one sample per assistant turn (messages[:i+1], its last "
+        "turn trained; Qwen3 drops earlier reasoning); split: always one sample per turn; reject: reject such "
+        "conversations (each in rejects.jsonl).",
+    )
 
 
 class LoraConfig(_Section):

@@ -11,7 +11,10 @@ The trained span of an assistant turn is its content plus the end-of-turn token
 (`tokenizer.eos_token`, e.g. `<|im_end|>`), not the separator the template writes after it
 (ChatML's trailing "\\n"). Because the span starts exactly where the generation prompt ends, the
 prompt a user sends at inference (`add_generation_prompt=True`) is the text the model saw before
-its first trained token.
+its first trained token. (`tasks.tokenize` encodes the text segment by segment at these edges,
+so this holds for tokens too.) A template that rewrites earlier turns (Qwen3 drops past
+reasoning) is not prefix-stable for such a conversation: `spans` raises NotPrefixStable and
+`turn_sample` renders each assistant turn as its own sample.
 
 Built-in templates (`tokenize.template`):
 - `chatml`: `<|im_start|>role\\ncontent<|im_end|>\\n` (Qwen; needs those two special tokens);
@@ -72,6 +75,12 @@ _REQUIRED_SPECIALS = {"chatml": ("<|im_start|>", "<|im_end|>")}
 
 class TemplateError(ValueError):
     """The chat template cannot be used (missing, unreadable, or not prefix-consistent)."""
+
+
+class NotPrefixStable(TemplateError):
+    """For this conversation, the render of a prefix is not a prefix of the whole render (Qwen3's
+    template drops the reasoning of earlier turns). A property of one conversation, not of the set:
+    the tokenizer splits it into one sample per assistant turn (`tokenize.multi_turn`)."""
 
 
 def resolve_template(template: str, tokenizer: Any) -> str:
@@ -168,32 +177,61 @@ class Renderer:
             return t.environment.handle_exception()  # re-raises, with the template's line in the traceback
 
     def spans(self, messages: Sequence[dict], objective: str, train_on: str) -> tuple[str, list[tuple[int, int]]]:
+        """The whole conversation rendered once and the character spans of its trained turns.
+
+        Raises NotPrefixStable when the render of a prefix is not a prefix of the whole (the
+        template rewrites earlier turns for this conversation); `turn_sample` then gives each turn
+        its own sample.
+        """
         full = self(messages)
         if objective == "pretrain":
             return full, [(0, len(full))] if full else []
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if train_on == "last_assistant":
-            turns = turns[-1:]
         spans = []
-        for i in turns:
+        for i in trained_turns(messages, train_on):
             prompt = self(messages[:i], add_generation_prompt=True)
             upto = full if i == len(messages) - 1 else self(messages[: i + 1])
             for part, what in ((prompt, f"messages[:{i}] with add_generation_prompt=True"), (upto, f"messages[:{i + 1}]")):
                 if not full.startswith(part):
-                    raise TemplateError(
-                        f"the chat template's rendering of {what} is not a prefix of the whole conversation's, so "
-                        "trained tokens cannot be located (templates that rewrite earlier turns, e.g. drop past "
-                        "reasoning, do this). Set `tokenize.template` to a prefix-consistent template, "
-                        "or `tokenize.train_on: last_assistant` if only earlier turns are rewritten."
+                    raise NotPrefixStable(
+                        f"the chat template's rendering of {what} is not a prefix of the whole conversation's "
+                        "(the template rewrites earlier turns, e.g. drops past reasoning)"
                     )
-            start = len(prompt)
-            turn = upto[start:]
-            k = turn.rfind(self.eos) if self.eos else -1
-            # Content + end token; without an eos in the turn, the turn minus trailing whitespace.
-            end = start + k + len(self.eos) if k >= 0 else start + len(turn.rstrip())
-            if end > start:
-                spans.append((start, end))
+            span = self._turn_span(prompt, upto)
+            if span is not None:
+                spans.append(span)
         return full, spans
+
+    def turn_sample(self, messages: Sequence[dict], i: int) -> tuple[str, list[tuple[int, int]]]:
+        """Assistant turn i as its own sample: messages[:i + 1] rendered, only its last turn trained.
+
+        Its context is exactly what the template gives turn i at inference (the generation prompt
+        of messages[:i]). Raises NotPrefixStable when even that is not a prefix of messages[:i + 1]'s
+        render: then the turn's trained tokens cannot be located.
+        """
+        upto = self(messages[: i + 1])
+        prompt = self(messages[:i], add_generation_prompt=True)
+        if not upto.startswith(prompt):
+            raise NotPrefixStable(
+                f"the chat template's generation prompt for messages[:{i}] is not a prefix of its rendering of "
+                f"messages[:{i + 1}], so the reply's tokens cannot be located"
+            )
+        span = self._turn_span(prompt, upto)
+        return upto, [span] if span is not None else []
+
+    def _turn_span(self, prompt: str, upto: str) -> tuple[int, int] | None:
+        """From the end of the generation prompt to the turn's end token (inclusive)."""
+        start = len(prompt)
+        turn = upto[start:]
+        k = turn.rfind(self.eos) if self.eos else -1
+        # Content + end token; without an eos in the turn, the turn minus trailing whitespace.
+        end = start + k + len(self.eos) if k >= 0 else start + len(turn.rstrip())
+        return (start, end) if end > start else None
+
+
+def trained_turns(messages: Sequence[dict], train_on: str) -> list[int]:
+    """Indices of the assistant messages sft trains (all, or the last with `last_assistant`)."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return turns[-1:] if train_on == "last_assistant" else turns
 
 
 def render(tokenizer: Any, template_text: str, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:

@@ -9,11 +9,15 @@ The output folder is named by a content key (JSONL bytes, tokenizer files, templ
 option that changes tokens, code version), so an unchanged input is a cache hit that does no work,
 and a build that dies half-way leaves only a `.tmp-*` folder that is never mistaken for a hit.
 
-Masks come from the rendered text (see `tasks.templates`): each trained character span is mapped
-to the tokens that overlap it, through the tokens' byte lengths for byte-level BPE tokenizers (exact,
-checked per sample) and the fast tokenizer's offsets otherwise. The label of position 0 is
-always -100: nothing precedes it, so it is never a prediction target (with `pretrain` every other
-token is trained).
+Masks come from the rendered text (see `tasks.templates`): the text is cut at the edges of its
+trained character spans and each segment is encoded on its own, so the tokens before a reply are
+exactly the inference prompt's tokens and no token straddles a prompt/reply edge; a token is
+trained when its segment is. (Tokenizers that prepend to every text they encode are encoded whole,
+and a token is trained when it overlaps a trained span.) A multi-turn conversation whose earlier
+turns the template rewrites (Qwen3), or whose inner edges would change tokens, becomes one sample
+per assistant turn (`tokenize.multi_turn`, README "Templates and masks"). The label of position 0
+is always -100: nothing precedes it, so it is never a prediction target (with `pretrain` every
+other token is trained).
 
 Length policy (`tokenize.length_policy`) for samples longer than `tokenize.max_length` tokens:
 - drop (default): the sample goes to the rejects file (reason `too_long`);
@@ -35,7 +39,6 @@ import re
 import sys
 import tempfile
 import time
-import unicodedata
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from itertools import chain
@@ -47,12 +50,14 @@ from typing import Any, Iterator
 
 from ftflow.utils import atomic_dir, sha256_file, sha256_json, state_dir
 from tasks.encode_process import EncodeProcess, EncodeProcessError, find_malloc
-from tasks.templates import BUILTIN_TEMPLATES, Renderer, TemplateError, special_tokens, resolve_template
+from tasks.templates import (BUILTIN_TEMPLATES, NotPrefixStable, Renderer, TemplateError, resolve_template,
+                             special_tokens, trained_turns)
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_CODE_VERSION = "2"  # bump when the tokens or labels this module writes change
+TOKENIZE_CODE_VERSION = "3"  # bump when the tokens or labels this module writes change
 IGNORE_INDEX = -100
+MULTI_TURN = ("auto", "split", "reject")  # tokenize.multi_turn
 CHUNK_ROWS = 1024  # rows rendered and encoded per batched tokenizer call
 ENCODE_PROCESS_MIN_BYTES = 2 << 20  # JSONL size from which the encode runs in a child on a faster malloc
 # Files that decide how text becomes tokens; each one present is part of the cache key.
@@ -128,6 +133,7 @@ def cache_key(
     *,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    multi_turn: str = "auto",
 ) -> str:
     """Content key of a tokenized data set: changes whenever any input that changes its tokens does."""
     parts = {
@@ -139,6 +145,7 @@ def cache_key(
         "train_on": train_on,
         "max_length": int(max_length),
         "length_policy": length_policy,
+        "multi_turn": multi_turn,
         "code_version": TOKENIZE_CODE_VERSION,
     }
     return sha256_json(parts)[:32]
@@ -193,76 +200,108 @@ class _Reject(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _token_byte_lengths(backend) -> "Any | None":
-    """Bytes of text each token id stands for, when the tokenizer makes that exact (else None).
+def _prepends_to_each_text(backend) -> bool:
+    """Whether the tokenizer adds something to the start of every text it encodes.
 
-    A byte-level BPE tokenizer (GPT-2, Qwen, Llama-3, ...) writes every byte of its input as one
-    character of a token's string, and an added token stands for its own text. So the tokens of a
-    text tile its UTF-8 bytes, and cumulative byte lengths ARE the tokens' offsets: the batched
-    encode can skip computing offsets (`encode_batch_fast`, a third less tokenizer time). Each
-    sample is still checked (its tokens' bytes must add up to the text's, the text must be
-    unchanged by the normalizer); one that is not falls back to the tokenizer's own offsets.
+    A Metaspace pre-tokenizer with a prepend scheme (SentencePiece-style Llama-2, Mistral), a
+    `Prepend` normalizer (legacy Llama) or ByteLevel's `add_prefix_space` write a "▁"/space before
+    each text: encoding a reply on its own would then give it a different first token than the
+    same text in context. Such tokenizers are encoded whole (offsets locate the trained spans).
     """
-    import numpy as np
+    def state(component) -> Any:  # the component's own JSON (not the whole tokenizer's: 151k vocab = 2 s)
+        return json.loads(component.__getstate__()) if component is not None else None
 
-    config = json.loads(backend.to_str())
-    model, pre, decoder, normalizer = (config.get(k) or {} for k in ("model", "pre_tokenizer", "decoder", "normalizer"))
-    pre_types = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers", [])}
-    if model.get("type") != "BPE" or "ByteLevel" not in pre_types or decoder.get("type") != "ByteLevel":
-        return None
-    if normalizer and normalizer.get("type") != "NFC":  # NFC leaves an NFC text as it is; others may not
-        return None
-    lengths = np.zeros(backend.get_vocab_size(with_added_tokens=True), dtype=np.int64)
-    for token, i in backend.get_vocab(with_added_tokens=False).items():
-        lengths[i] = len(token)  # one character per byte
-    for i, added in backend.get_added_tokens_decoder().items():
-        lengths[i] = len(added.content.encode("utf-8"))
-    if (lengths <= 0).any():
-        return None
-    return lengths
+    def nodes(node: Any, children: str) -> Iterator[dict]:
+        if isinstance(node, dict):
+            yield node
+            for child in node.get(children) or []:
+                yield from nodes(child, children)
+
+    if any(n.get("type") == "Prepend" for n in nodes(state(backend.normalizer), "normalizers")):
+        return True
+    for n in nodes(state(backend.pre_tokenizer), "pretokenizers"):
+        if n.get("type") == "Metaspace":
+            scheme = n.get("prepend_scheme") or ("always" if n.get("add_prefix_space", True) else "never")
+            if scheme != "never":
+                return True
+        if n.get("type") == "ByteLevel" and n.get("add_prefix_space"):
+            return True
+    return False
 
 
 @dataclass
 class _Chunk:
-    """Rows on their way through the builder: rendered (prepare), then encoded (encode)."""
+    """Samples on their way through the builder: rendered (prepare), then encoded (encode).
+
+    Segment-wise (the default): `texts` holds every sample's segments in order, `trained` one flag
+    per segment, `segments` how many segments each sample has. Whole-text (tokenizers that prepend
+    to every text): `texts` holds one text per sample and `spans` its trained character spans.
+    """
 
     texts: list[str] = field(default_factory=list)
+    trained: list[bool] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
     spans: list[list[tuple[int, int]]] = field(default_factory=list)
     metas: list[tuple[str, int]] = field(default_factory=list)  # (sample id, line)
     flat: Any = None  # the chunk's token ids, one flat int64 array (encode)
     counts: Any = None  # tokens per text (int64)
-    offsets: list[list[tuple[int, int]]] | None = None  # only when byte lengths cannot give them
+    offsets: list[list[tuple[int, int]]] | None = None  # whole-text mode only
+
+
+def segments_of(text: str, spans: list[tuple[int, int]]) -> list[tuple[str, bool]]:
+    """The rendered text cut at the trained spans' edges: [(segment, trained), ...], no empty segment."""
+    out, pos = [], 0
+    for a, b in spans:
+        a = max(a, pos)
+        if a > pos:
+            out.append((text[pos:a], False))
+        if b > a:
+            out.append((text[a:b], True))
+            pos = b
+    if pos < len(text):
+        out.append((text[pos:], False))
+    return out
 
 
 class _Builder:
     """Turns rows into (input_ids, labels) columns, chunk by chunk, counting what it drops and why.
 
-    Per row, Python only validates and renders (text + trained character spans). The tokens of a
-    chunk are encoded in one batched call and everything after that (offsets, labels, truncation,
-    trained counts, the Arrow columns) is done on flat numpy arrays, one chunk at a time.
+    Per row, Python only validates and renders (text + trained character spans, cut into
+    segments). The segments of a chunk are encoded in one batched call and everything after that
+    (labels, truncation, trained counts, the Arrow columns) is done on flat numpy arrays, one
+    chunk at a time.
     """
 
     def __init__(self, tokenizer, template_text: str, objective: str, train_on: str, max_length: int,
-                 length_policy: str, source: Path):
+                 length_policy: str, source: Path, multi_turn: str = "auto"):
         self.renderer = Renderer(tokenizer, template_text)
         self.backend = tokenizer.backend_tokenizer
-        self.byte_lengths = _token_byte_lengths(self.backend)
+        self.segmentwise = not _prepends_to_each_text(self.backend)
         self.encoder: EncodeProcess | None = None  # set by _build for large inputs
         self.encoder_name = "in process"
         self.eos = tokenizer.eos_token or ""
         specials = sorted(special_tokens(tokenizer), key=len, reverse=True)
         self.special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-        self.objective, self.train_on = objective, train_on
+        # Added tokens cut the text before the tokenizer's model sees it: a segment edge at one of
+        # them changes no token. (Not those that swallow the whitespace beside them.)
+        added = [t for t in self.backend.get_added_tokens_decoder().values()
+                 if t.content and not (t.lstrip or t.rstrip)]
+        self.cut_tokens = tuple(sorted({t.content for t in added}, key=len, reverse=True))
+        self.added_re = re.compile("|".join(map(re.escape, self.cut_tokens))) if self.cut_tokens else None
+        self.objective, self.train_on, self.multi_turn = objective, train_on, multi_turn
         self.max_length, self.length_policy, self.source = max_length, length_policy, source
         self.tables: list = []  # one Arrow table (id, input_ids, labels, length) per chunk
         self.lengths: list[int] = []  # every kept sample's length, for the stats
         self.raw_lengths: list[int] = []
         self.rejects: list[dict] = []
         self.reasons: Counter = Counter()
-        self.rows = self.truncated = self.dropped = self.trained = self.offset_fallbacks = 0
+        self.split_because: Counter = Counter()  # conversations split into per-turn samples, by cause
+        self.rows = self.truncated = self.dropped = self.trained = self.split_samples = 0
 
-    def _prepare(self, row: Any) -> tuple[str, list[tuple[int, int]]]:
-        """Rendered text and trained character spans of one row, or a _Reject saying why not."""
+    def _prepare(self, row: Any) -> tuple[list[tuple[str, Any]], bool]:
+        """One row's samples as [(id suffix, (text, spans) or a _Reject)], and whether its segment
+        edges must be checked against the tokenizer (a whole multi-turn conversation); a _Reject
+        raised here rejects the whole row."""
         if isinstance(row, json.JSONDecodeError):
             raise _Reject("bad_json", str(row))
         if not isinstance(row, dict):
@@ -276,7 +315,7 @@ class _Builder:
                 raise _Reject("no_assistant_turn", "a raw text row has nothing to train under `tokenize.objective: sft`; "
                               "use objective: pretrain")
             text += self.eos
-            return text, [(0, len(text))]
+            return [("", (text, [(0, len(text))]))], False
         if not isinstance(messages, list) or not messages:
             raise _Reject("bad_row", "`messages` must be a non-empty list")
         for m in messages:
@@ -289,11 +328,57 @@ class _Builder:
         if self.objective == "sft" and not any(m["role"] == "assistant" for m in messages):
             raise _Reject("no_assistant_turn", "no assistant message to train")
         try:
-            return self.renderer.spans(messages, self.objective, self.train_on)
-        except TemplateError:
-            raise  # the template itself is unusable: stop, don't reject every row
+            if self.objective == "pretrain":
+                return [("", self.renderer.spans(messages, "pretrain", self.train_on))], False
+            if self.multi_turn != "split" or len(trained_turns(messages, self.train_on)) < 2:
+                try:
+                    text, spans = self.renderer.spans(messages, "sft", self.train_on)
+                    return [("", (text, spans))], len(spans) > 1
+                except NotPrefixStable as err:
+                    if self.multi_turn == "reject":
+                        raise _Reject("not_prefix_stable", f"{err}. Set tokenize.multi_turn: auto to train each "
+                                      "assistant turn in its own sample with the context inference gives it") from None
+            return self._split(messages, "template" if self.multi_turn != "split" else "multi_turn_split"), False
+        except (_Reject, TemplateError):
+            raise  # TemplateError: the template itself is unusable: stop, don't reject every row
         except Exception as err:  # jinja raise_exception / TypeError on odd rows
             raise _Reject("template_error", f"{type(err).__name__}: {err}") from None
+
+    def _split(self, messages: list[dict], cause: str) -> list[tuple[str, Any]]:
+        """One sample per trained assistant turn (messages[:i + 1], its last turn trained); ids get
+        `#k` (k = 1, 2, ... the trained turns in order) when there is more than one."""
+        turns = trained_turns(messages, self.train_on)
+        out = []
+        for k, i in enumerate(turns, 1):
+            try:
+                sample: Any = self.renderer.turn_sample(messages, i)
+            except NotPrefixStable as err:
+                sample = _Reject("not_prefix_stable", f"assistant turn {k} (messages[{i}]): {err}")
+            out.append((f"#{k}" if len(turns) > 1 else "", sample))
+        if len(turns) > 1:
+            self.split_because[cause] += 1
+            self.split_samples += len(turns)
+        return out
+
+    def _edges_to_check(self, text: str, spans: list[tuple[int, int]]) -> list[tuple[str, str]]:
+        """The (left, right) text pieces around each segment edge inside a later turn's prompt.
+
+        Turn i's prompt, encoded segment by segment, equals the generation prompt encoded whole
+        when no edge inside it changes tokens. An edge at an added token (`<|im_end|>`) cannot:
+        the tokenizer cuts there anyway. Any other edge (the start of an earlier reply, after
+        "assistant\n") is checked by encoding the piece between the added tokens around it whole
+        and in two.
+        """
+        inner = sorted({p for a, b in spans[:-1] for p in (a, b) if 0 < p < len(text)})
+        cuts = [m.span() for m in self.added_re.finditer(text)] if self.added_re is not None else []
+        out = []
+        for p in inner:
+            if any(text.startswith(t, p) or text.endswith(t, 0, p) for t in self.cut_tokens):
+                continue
+            left = max((e for s, e in cuts if e <= p), default=0)
+            right = min((s for s, e in cuts if s >= p), default=len(text))
+            out.append((text[left:p], text[p:right]))
+        return out
 
     def _reject(self, sid: str, line: int, reason: str, detail: str = "", length: int | None = None) -> None:
         self.reasons[reason] += 1
@@ -315,59 +400,43 @@ class _Builder:
             except EncodeProcessError as err:
                 log.warning("%s; encoding the rest in this process (same tokens, slower)", err)
                 self.encoder, self.encoder_name = None, "in process (the tokenizer process failed)"
-        fast = self.byte_lengths is not None
-        encodings = (self.backend.encode_batch_fast if fast else self.backend.encode_batch)(
+        encodings = (self.backend.encode_batch_fast if self.segmentwise else self.backend.encode_batch)(
             chunk.texts, add_special_tokens=False)
         ids = [e.ids for e in encodings]
         chunk.counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         chunk.flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(chunk.counts.sum()))
-        chunk.offsets = None if fast else [e.offsets for e in encodings]
+        chunk.offsets = None if self.segmentwise else [e.offsets for e in encodings]
 
     def _token_spans(self, chunk: _Chunk):
-        """A chunk's flat token ids, each row's first token, and the [a, b) token ranges to train.
+        """A chunk's flat token ids, each sample's first token (n + 1 entries) and the trained mask.
 
-        A token is trained when its text overlaps a trained character span: a = the first token
-        ending after the span's start, b = the first token starting at or after its end.
+        Segment-wise, a sample's tokens are its segments' tokens in order and a token is trained
+        when its segment is. Whole-text, a token is trained when it overlaps a trained character
+        span: from the first token ending after the span's start to the last starting before its end.
         """
         import numpy as np
 
-        texts, spans, flat, counts = chunk.texts, chunk.spans, chunk.flat, chunk.counts
-        fast = chunk.offsets is None
+        flat, counts = chunk.flat, chunk.counts
+        if self.segmentwise:
+            seg_starts = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=seg_starts[1:])
+            first_seg = np.zeros(len(chunk.segments) + 1, dtype=np.int64)
+            np.cumsum(chunk.segments, out=first_seg[1:])
+            trained = np.repeat(np.array(chunk.trained, dtype=bool), counts)
+            return flat, seg_starts[first_seg], trained
         starts = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
         ranges: list[tuple[int, int]] = []  # global token indices into `flat`
-        if fast:
-            ends = np.cumsum(self.byte_lengths[flat])  # byte offset where each token ends (chunk-global)
-            begins = ends - self.byte_lengths[flat]
-            base = np.concatenate(([0], ends))[starts]  # byte offset where each row starts
-            tiled = np.diff(base).tolist()  # bytes each row's tokens stand for
-            base = base.tolist()
-            firsts, lasts = [], []
-            for r, (text, row_spans) in enumerate(zip(texts, spans)):
-                if text.isascii():
-                    if tiled[r] == len(text):  # one byte a character: character offsets are byte offsets
-                        b0 = base[r]
-                        firsts += [b0 + cs for cs, _ in row_spans]
-                        lasts += [b0 + ce for _, ce in row_spans]
-                        continue
-                elif unicodedata.is_normalized("NFC", text) and tiled[r] == len(text.encode("utf-8")):
-                    b0 = base[r]
-                    for cs, ce in row_spans:
-                        firsts.append(b0 + len(text[:cs].encode("utf-8")))
-                        lasts.append(b0 + len(text[:ce].encode("utf-8")))
-                    continue
-                # The normalizer changed the text, or the tokens do not tile it: ask for offsets.
-                self.offset_fallbacks += 1
-                ranges += self._ranges_from_offsets(self.backend.encode(text, add_special_tokens=False).offsets,
-                                                    row_spans, int(starts[r]))
-            if firsts:
-                a = np.searchsorted(ends, firsts, side="right")
-                b = np.searchsorted(begins, lasts, side="left")
-                ranges += zip(a.tolist(), b.tolist())
-        else:
-            for r, (offsets, row_spans) in enumerate(zip(chunk.offsets, spans)):
-                ranges += self._ranges_from_offsets(offsets, row_spans, int(starts[r]))
-        return flat, starts, ranges
+        for r, (offsets, row_spans) in enumerate(zip(chunk.offsets, chunk.spans)):
+            ranges += self._ranges_from_offsets(offsets, row_spans, int(starts[r]))
+        # Trained mask from the [a, b) ranges: +1 at a, -1 at b, running sum > 0.
+        total = len(flat)
+        marks = np.zeros(total + 1, dtype=np.int64)
+        if ranges:
+            a, b = np.array(ranges, dtype=np.int64).T
+            keep = b > a
+            marks += np.bincount(a[keep], minlength=total + 1) - np.bincount(b[keep], minlength=total + 1)
+        return flat, starts, np.cumsum(marks[:total]) > 0
 
     @staticmethod
     def _ranges_from_offsets(offsets, row_spans, first: int) -> list[tuple[int, int]]:
@@ -388,46 +457,83 @@ class _Builder:
             self.finish(chunk)
 
     def prepare(self, rows: list[tuple[int, Any]]) -> _Chunk | None:
-        """Validate and render a chunk (Python); rejects are recorded here."""
-        chunk = _Chunk()
+        """Validate, render and cut a chunk into segments (Python); rejects are recorded here.
+
+        Whole multi-turn conversations have their inner segment edges checked in one batched
+        encode of the pieces around them; one whose edges change tokens is split into one sample
+        per turn (`tokenize.multi_turn: auto`) or rejected (`reject`).
+        """
+        rendered = []  # (sid, line, samples, edges)
+        checks: list[str] = []
         for line, row in rows:
             self.rows += 1
             sid = str(row.get("id")) if isinstance(row, dict) and row.get("id") is not None else f"line-{line}"
             try:
-                text, row_spans = self._prepare(row)
-                text.encode("utf-8")  # lone surrogates (e.g. "\ud800" in the JSON) cannot be tokenized
+                samples, check = self._prepare(row)
             except _Reject as r:
                 self._reject(sid, line, r.reason, r.detail)
                 continue
-            except UnicodeEncodeError:
-                self._reject(sid, line, "invalid_unicode", "text holds a lone surrogate code point")
-                continue
-            chunk.texts.append(text)
-            chunk.spans.append(row_spans)
-            chunk.metas.append((sid, line))
-        return chunk if chunk.texts else None
+            edges = []
+            if check and self.segmentwise:
+                text, spans = samples[0][1]
+                edges = self._edges_to_check(text, spans)
+                for left, right in edges:
+                    checks += (left + right, left, right)
+            rendered.append((sid, line, row, samples, len(edges)))
+        stable = iter(self._edges_keep_tokens(checks))
+
+        chunk = _Chunk()
+        for sid, line, row, samples, n_edges in rendered:
+            if n_edges and not all([next(stable) for _ in range(n_edges)]):
+                if self.multi_turn == "reject":
+                    self._reject(sid, line, "not_prefix_stable", "an earlier reply's first characters merge into one "
+                                 "token with the text before them, so a later turn's context would not be the tokens "
+                                 "inference sends. Set tokenize.multi_turn: auto to train each assistant turn in "
+                                 "its own sample")
+                    continue
+                samples = self._split(row["messages"], "token_boundary")
+            for suffix, sample in samples:
+                if isinstance(sample, _Reject):
+                    self._reject(sid + suffix, line, sample.reason, sample.detail)
+                    continue
+                text, spans = sample
+                try:
+                    text.encode("utf-8")  # lone surrogates (e.g. "\ud800" in the JSON) cannot be tokenized
+                except UnicodeEncodeError:
+                    self._reject(sid + suffix, line, "invalid_unicode", "text holds a lone surrogate code point")
+                    continue
+                if self.segmentwise:
+                    segments = segments_of(text, spans)
+                    chunk.texts += [t for t, _ in segments]
+                    chunk.trained += [trained for _, trained in segments]
+                    chunk.segments.append(len(segments))
+                else:
+                    chunk.texts.append(text)
+                    chunk.spans.append(spans)
+                chunk.metas.append((sid + suffix, line))
+        return chunk if chunk.metas else None
+
+    def _edges_keep_tokens(self, checks: list[str]) -> list[bool]:
+        """For each (whole, left, right) triple: encode(whole) == encode(left) + encode(right)."""
+        if not checks:
+            return []
+        ids = [e.ids for e in self.backend.encode_batch_fast(checks, add_special_tokens=False)]
+        return [ids[k] == ids[k + 1] + ids[k + 2] for k in range(0, len(ids), 3)]
 
     def finish(self, chunk: _Chunk) -> None:
         """Labels, length policy and the chunk's Arrow table, on flat numpy arrays."""
         import numpy as np
         import pyarrow as pa
 
-        texts, metas = chunk.texts, chunk.metas
-        flat, starts, ranges = self._token_spans(chunk)
+        metas = chunk.metas
+        flat, starts, trained = self._token_spans(chunk)
         total = len(flat)
-        # Trained mask from the [a, b) ranges: +1 at a, -1 at b, running sum > 0.
-        marks = np.zeros(total + 1, dtype=np.int64)
-        if ranges:
-            a, b = np.array(ranges, dtype=np.int64).T
-            keep = b > a
-            marks += np.bincount(a[keep], minlength=total + 1) - np.bincount(b[keep], minlength=total + 1)
-        trained = np.cumsum(marks[:total]) > 0
         counts = np.diff(starts)
         trained[starts[:-1][counts > 0]] = False  # position 0 is never a target
 
         # Length policy per row (Python: one comparison per row), then the kept tokens in one go.
         n_keep = np.minimum(counts, self.max_length)
-        row_kept = np.ones(len(texts), dtype=bool)
+        row_kept = np.ones(len(metas), dtype=bool)
         trained_cum = np.concatenate(([0], np.cumsum(trained)))
         row_trained = (trained_cum[starts[:-1] + n_keep] - trained_cum[starts[:-1]]).tolist()  # after truncation
         raw = counts.tolist()
@@ -458,7 +564,7 @@ class _Builder:
             self.lengths.append(n)
         if not row_kept.any():
             return
-        row_of = np.repeat(np.arange(len(texts)), counts)
+        row_of = np.repeat(np.arange(len(metas)), counts)
         position = np.arange(total) - starts[:-1][row_of]
         take = row_kept[row_of] & (position < n_keep[row_of])
         lengths = n_keep[row_kept]
@@ -491,6 +597,13 @@ class _Builder:
             "trained_tokens": self.trained,
             "truncated": self.truncated,
             "dropped": self.dropped,
+            # Conversations trained as one sample per assistant turn (tokenize.multi_turn), the
+            # samples they became, and why: the template rewrites earlier turns ("template"), an
+            # earlier reply's first characters merge with the prompt's last ("token_boundary"), or
+            # `multi_turn: split` ("multi_turn_split").
+            "split_conversations": sum(self.split_because.values()),
+            "split_samples": self.split_samples,
+            "split_because": dict(sorted(self.split_because.items())),
             "rejected": dict(sorted(self.reasons.items())),
             "rejected_total": sum(self.reasons.values()),
             "length": _summary(lengths),
@@ -570,7 +683,7 @@ def _build(builder: _Builder, items: Iterator[tuple[int, Any]], t0: float, mallo
     encoder = None
     if malloc is not None:
         try:
-            encoder = builder.encoder = EncodeProcess(builder.backend, with_offsets=builder.byte_lengths is None,
+            encoder = builder.encoder = EncodeProcess(builder.backend, with_offsets=not builder.segmentwise,
                                                       malloc=malloc)
         except EncodeProcessError as err:
             log.warning("%s; encoding in this process (same tokens, slower)", err)
@@ -629,6 +742,7 @@ def tokenize_dataset(
     length_policy: str = "drop",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    multi_turn: str = "auto",
 ) -> TokenizeResult:
     """Tokenize a canonical JSONL file, or return the cached result of the same inputs."""
     if objective not in ("sft", "pretrain"):
@@ -637,6 +751,8 @@ def tokenize_dataset(
         raise TokenizeError(f"tokenize.train_on={train_on!r}: choose all_assistant or last_assistant")
     if length_policy not in ("drop", "truncate", "raise"):
         raise TokenizeError(f"tokenize.length_policy={length_policy!r}: choose drop, truncate or raise")
+    if multi_turn not in MULTI_TURN:
+        raise TokenizeError(f"tokenize.multi_turn={multi_turn!r}: choose {', '.join(MULTI_TURN)}")
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.is_file():
         raise TokenizeError(f"{jsonl_path} does not exist; it is the data stage's output (canonical JSONL), run that first")
@@ -649,7 +765,7 @@ def tokenize_dataset(
         tokenizer = load_tokenizer(tokenizer_path, revision=revision, trust_remote_code=trust_remote_code)
         template_text = resolve_template(template, tokenizer)
     key = cache_key(jsonl_path, tokenizer_path, template_text, objective, train_on, max_length, length_policy,
-                    revision=revision, trust_remote_code=trust_remote_code)
+                    revision=revision, trust_remote_code=trust_remote_code, multi_turn=multi_turn)
     final = cache_root / key
     read = {"jsonl": str(jsonl_path), "tokenizer": str(tokenizer_path), "key": key}
 
@@ -667,7 +783,7 @@ def tokenize_dataset(
         tokenizer = load_tokenizer(tokenizer_path, revision=revision, trust_remote_code=trust_remote_code)
     if template in BUILTIN_TEMPLATES:  # checks the special tokens a built-in writes against the real tokenizer
         resolve_template(template, tokenizer)
-    builder = _Builder(tokenizer, template_text, objective, train_on, max_length, length_policy, jsonl_path)
+    builder = _Builder(tokenizer, template_text, objective, train_on, max_length, length_policy, jsonl_path, multi_turn)
     log.info("tokenizing %s (template %s, objective %s, max_length %d) into %s",
              jsonl_path, template, objective, max_length, final)
     # Small inputs encode in this process: the child gains nothing below ~2 MB (2,000 bench rows, 1.9 MB: even).
@@ -682,6 +798,7 @@ def tokenize_dataset(
         "train_on": train_on,
         "max_length": max_length,
         "length_policy": length_policy,
+        "multi_turn": multi_turn,
         "code_version": TOKENIZE_CODE_VERSION,
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -727,6 +844,7 @@ def tokenize_from_config(cfg, jsonl_path: str | Path, model_path: str) -> Tokeni
         train_on=t.train_on,
         max_length=t.max_length,
         length_policy=t.length_policy,
+        multi_turn=t.multi_turn,
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
     )
@@ -773,6 +891,9 @@ def tokenize_cli(config_path: str, overrides: list[str], as_json: bool) -> int:
         f"policy   {s['length_policy']} at {s['max_length']}: {s['truncated']} truncated, {s['dropped']} dropped",
         f"rejected {s['rejected_total']} {s['rejected'] or ''}" + (f" → {r.rejects_path}" if r.rejects_path else ""),
     ]
+    if s.get("split_conversations"):
+        lines.append(f"split    {s['split_conversations']} conversations into {s['split_samples']} samples, one per "
+                     f"assistant turn {s['split_because']} (tokenize.multi_turn: {s['multi_turn']})")
     if not r.hit:
         lines.append(f"built    in {s['build_seconds']} s, encode: {s['encoder']}")
     sys.stdout.write("\n".join(lines) + "\n")

@@ -41,7 +41,7 @@ def any_malloc() -> str:
     return found
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["byte-lengths", "offsets"])
+@pytest.fixture(scope="module", params=[False, True], ids=["segments", "offsets"])
 def child(request, tok):
     with ep.EncodeProcess(tok.backend_tokenizer, with_offsets=request.param, malloc=any_malloc()) as enc:
         yield enc
@@ -114,7 +114,7 @@ def test_child_encodes_exactly_like_this_process(tok, child, template, rows, obj
     def build(encoder) -> _Builder:
         b = _Builder(tok, BUILTIN_TEMPLATES[template], objective, "all_assistant", 64, "truncate", Path("in.jsonl"))
         if child.with_offsets:
-            b.byte_lengths = None  # the offsets path (non-byte-level tokenizers)
+            b.segmentwise = False  # the whole-text path (tokenizers that prepend to every text)
         b.encoder = encoder
         b.add(list(enumerate(rows, 1)))
         return b

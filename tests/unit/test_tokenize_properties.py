@@ -3,7 +3,6 @@ with the rendered text."""
 
 from __future__ import annotations
 
-import unicodedata
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from tasks.templates import BUILTIN_TEMPLATES, trained_char_spans
+from tasks.templates import BUILTIN_TEMPLATES, render, trained_char_spans
 from tasks.tokenize import TokenizeError, _Builder
 
 EOS = "<|im_end|>"
@@ -60,41 +59,64 @@ def test_any_row_is_a_valid_sample_or_a_clear_rejection(tok, row, template, obje
         event("raised: too long")
         return
     samples = b.samples()
-    assert len(samples) + len(b.rejects) == 1
-    if b.rejects:
-        r = b.rejects[0]
+    # One sample per row, or one per assistant turn where the row's earlier replies would not keep
+    # their tokens in context (tokenize.multi_turn: auto); each rejected one says why.
+    assert samples or b.rejects
+    for r in b.rejects:
         event(f"rejected: {r['reason']}")
         assert r["reason"] in REASONS and r["detail"] and r["line"] == 1
+    if not samples:
         return
-
-    ids, labels = samples[0]["input_ids"], samples[0]["labels"]
-    event(f"sample ({objective}, {template}{', truncated' if b.truncated else ''})")
-    assert len(ids) == len(labels) == b.lengths[0] == samples[0]["length"] <= max_length
-    assert labels[0] == -100 and any(lab != -100 for lab in labels)
-    assert all(lab in (-100, t) for t, lab in zip(ids, labels))
-
-    # The rendered text: its tokens are the sample (cut at max_length under truncate).
     messages = row.get("messages")
-    if messages is None:
-        text, spans = row["text"] + EOS, None
-    else:
-        text, spans = trained_char_spans(tok, tpl, messages, objective, train_on)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    assert enc["input_ids"][: len(ids)] == ids
-    assert tok.decode(enc["input_ids"], skip_special_tokens=False) == unicodedata.normalize("NFC", text)
-
-    if objective == "pretrain":
-        assert labels[1:] == ids[1:]
-        return
-    # Trained spans are exactly each (selected) reply plus its end token, found in the text...
-    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    replies = [i for i, m in enumerate(messages or []) if m["role"] == "assistant"]
     replies = replies[-1:] if train_on == "last_assistant" else replies
-    before = " " if template == "llama2" else ""
-    assert [text[a:b] for a, b in spans] == [before + c + EOS for c in replies]
-    # ... and a token is trained exactly when it overlaps one of them.
-    for i, (s, e) in enumerate(enc["offset_mapping"][: len(ids)]):
-        overlaps = any(s < b and e > a for a, b in spans)
-        assert (labels[i] != -100) == (overlaps and i > 0), (i, s, e, spans)
+    if len(samples) > 1:
+        event("split into one sample per turn")
+        assert objective == "sft" and [s["id"] for s in samples] == [f"x#{k}" for k in range(1, len(replies) + 1)]
+    for n, sample in enumerate(samples):
+        ids, labels = sample["input_ids"], sample["labels"]
+        event(f"sample ({objective}, {template}{', truncated' if b.truncated else ''})")
+        assert len(ids) == len(labels) == b.lengths[n] == sample["length"] <= max_length
+        assert labels[0] == -100 and any(lab != -100 for lab in labels)
+        assert all(lab in (-100, t) for t, lab in zip(ids, labels))
+        if messages is None:
+            text = row["text"] + EOS
+            assert ids == tok(text, add_special_tokens=False)["input_ids"][: len(ids)]
+            assert labels[1:] == ids[1:]
+            continue
+        if objective == "pretrain":
+            text, _ = trained_char_spans(tok, tpl, messages, objective, train_on)
+            assert ids == tok(text, add_special_tokens=False)["input_ids"][: len(ids)]
+            assert labels[1:] == ids[1:]
+            continue
+        turns = replies if len(samples) == 1 else [replies[n]]
+        before = " " if template == "llama2" else ""
+        expected = [False] * len(ids)
+        for i in turns:
+            # The tokens before each trained turn are exactly the inference prompt's tokens, and the
+            # trained ones are the reply plus its end token, encoded on their own.
+            prompt = tok(render(tok, tpl, messages[:i], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            reply = tok(before + messages[i]["content"] + EOS, add_special_tokens=False)["input_ids"]
+            a, e = len(prompt), min(len(prompt) + len(reply), len(ids))
+            assert ids[:a] == prompt[: len(ids)]
+            if a >= len(ids):  # cut off by truncation
+                continue
+            assert ids[a:e] == reply[: e - a]
+            expected[a:e] = [True] * max(e - a, 0)
+        expected[0] = False
+        assert [lab != -100 for lab in labels] == expected
+
+
+def trained_runs(ids: list[int], labels: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of trained positions."""
+    runs, start = [], None
+    for k, lab in enumerate(labels + [-100]):
+        if lab != -100 and start is None:
+            start = k
+        elif lab == -100 and start is not None:
+            runs.append((start, k))
+            start = None
+    return runs
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -117,37 +139,46 @@ def test_special_token_text_in_content_is_rejected(tok, prompt, reply, special, 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @pytest.mark.parametrize("template", ["chatml", "llama2"])
-@given(rows=st.lists(conversation, min_size=1, max_size=8), objective=st.sampled_from(["sft", "pretrain"]))
-def test_byte_length_offsets_equal_the_tokenizers_offsets(tok, template, rows, objective):
-    # The fast path (offsets from token byte lengths, `encode_batch_fast`) against the tokenizer's
-    # own offsets (`encode_batch`) on the same chunk: identical samples, labels and rejects.
-    def build(fast: bool) -> _Builder:
-        b = _Builder(tok, BUILTIN_TEMPLATES[template], objective, "all_assistant", 4096, "drop", Path("in.jsonl"))
-        if not fast:
-            b.byte_lengths = None
-        b.add(list(enumerate(rows, 1)))
-        return b
-
-    fast, slow = build(True), build(False)
-    assert fast.byte_lengths is not None
-    assert fast.samples() == slow.samples()
-    assert fast.rejects == slow.rejects and fast.trained == slow.trained
-    rendered = []
-    for r in rows:
-        try:
-            rendered.append(fast._prepare(r)[0])
-        except Exception:  # rejected rows (counted above, alike in both)
-            continue
-    if any(not unicodedata.is_normalized("NFC", t) for t in rendered):
-        event("a non-NFC text took the offsets fallback")
-        assert fast.offset_fallbacks > 0
+@given(row=conversation, objective=st.sampled_from(["sft", "pretrain"]))
+def test_whole_text_mode_trains_the_tokens_that_overlap_the_spans(tok, template, row, objective):
+    # The path for tokenizers that prepend to every text: the whole rendered text is encoded and a
+    # token is trained when it overlaps a trained character span (offsets from the tokenizer).
+    tpl = BUILTIN_TEMPLATES[template]
+    b = _Builder(tok, tpl, objective, "all_assistant", 4096, "drop", Path("in.jsonl"))
+    b.segmentwise = False
+    b.add([(1, row)])
+    if b.rejects:
+        return
+    (sample,) = b.samples()
+    ids, labels = sample["input_ids"], sample["labels"]
+    text, spans = trained_char_spans(tok, tpl, row["messages"], objective, "all_assistant")
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == ids
+    for i, (s, e) in enumerate(enc["offset_mapping"]):
+        overlaps = any(s < b and e > a for a, b in spans)
+        assert (labels[i] != -100) == (overlaps and i > 0), (i, s, e, spans)
 
 
-def test_byte_length_table_is_refused_for_non_byte_level_tokenizers():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def _tokenizer(pre_tokenizer=None, normalizer=None):
+    from tokenizers import Tokenizer, models
 
-    from tasks.tokenize import _token_byte_lengths
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer, t.normalizer = pre_tokenizer, normalizer
+    return t
 
-    wordlevel = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
-    assert _token_byte_lengths(wordlevel) is None
+
+def test_tokenizers_that_prepend_to_every_text_are_encoded_whole(tok):
+    from tokenizers import normalizers, pre_tokenizers
+
+    from tasks.tokenize import _prepends_to_each_text
+
+    assert not _prepends_to_each_text(tok.backend_tokenizer)  # byte-level BPE (Qwen): segment-wise
+    assert not _prepends_to_each_text(_tokenizer(pre_tokenizers.Metaspace(prepend_scheme="never")))
+    assert not _prepends_to_each_text(_tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=False)))
+    # SentencePiece-style (Llama-2, Mistral), legacy Llama's normalizer, RoBERTa-style byte level:
+    assert _prepends_to_each_text(_tokenizer(pre_tokenizers.Metaspace(prepend_scheme="first")))
+    assert _prepends_to_each_text(_tokenizer(pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(), pre_tokenizers.Metaspace(prepend_scheme="always")])))
+    assert _prepends_to_each_text(_tokenizer(normalizer=normalizers.Sequence([
+        normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])))
+    assert _prepends_to_each_text(_tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=True)))
