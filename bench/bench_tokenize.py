@@ -16,6 +16,8 @@ start to exit, interpreter start, imports and tokenizer load included:
   process on mimalloc when installed), labels, save, stats;
 - cold_1thread: the same with `RAYON_NUM_THREADS=1`: the tokenizer on one thread, which is what
   the encode child ran before it set `TOKENIZERS_PARALLELISM` itself (it inherited the CLI's false);
+- cold_glibc: the same with `FTFLOW_TOKENIZER_MALLOC=off`: the encode in the CLI's own process on
+  glibc malloc (what runs where no mimalloc/jemalloc is installed);
 - hit: `ftflow tokenize` again on the state folder a cold run just built.
 Each repeat runs the methods in a fresh random order; figures are medians [min-max] over repeats,
 ratios are taken per repeat. `startup` is the wall time outside the stage's own work (what the
@@ -39,7 +41,7 @@ from bench.common import RESULTS, fmt, host, load_line, load_verdict, product_en
 OUT = RESULTS / "tokenize.json"
 SYSTEM = "You are a helpful assistant."
 MAX_LEN = 1024
-METHODS = ("seed", "cold", "cold_1thread", "hit")
+METHODS = ("seed", "cold", "cold_1thread", "cold_glibc", "hit")
 
 
 def seed_preprocess(sources, tokenizer, max_len: int, system_message: str = SYSTEM) -> dict:
@@ -124,10 +126,12 @@ def run_method(method: str, tmp: Path, cfg: Path, jsonl: Path, model_dir: str, m
         # the tokenizer load counts as work, as in ftflow's build_seconds (which starts before its load)
         r.update(work_s=round(inner["load_s"] + inner["work_s"], 3), tokens=inner["real_tokens"], samples=inner["samples"])
     else:
-        home = tmp / f"home-{k}" if method != "cold_1thread" else tmp / f"home-{k}-1thread"
+        home = tmp / (f"home-{k}" if method in ("cold", "hit") else f"home-{k}-{method}")
         extra = {"FTFLOW_HOME": str(home)}
         if method == "cold_1thread":
             extra.update(RAYON_NUM_THREADS="1", RAYON_RS_NUM_CPUS="1")
+        if method == "cold_glibc":
+            extra.update(FTFLOW_TOKENIZER_MALLOC="off")
         if method != "hit" and home.exists():
             shutil.rmtree(home)
         r = run_timed([python(), "-m", "ftflow.cli", "tokenize", str(cfg), "--json"], env=product_env(**extra), cwd=tmp)
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {
         "cold_vs_seed": [round(s / c, 2) for s, c in zip(per["seed"], per["cold"])],
         "cold_1thread_vs_cold": [round(c1 / c, 3) for c1, c in zip(per["cold_1thread"], per["cold"])],
+        "cold_glibc_vs_cold": [round(g / c, 3) for g, c in zip(per["cold_glibc"], per["cold"])],
         "cold_vs_hit": [round(c / h, 1) for c, h in zip(per["cold"], per["hit"])],
     }
     verdict = load_verdict([r for m in METHODS for r in runs[m]])
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.bench_tokenize " + " ".join(argv),
         "rows": args.rows, "input_mb": round(mb, 1), "max_length": MAX_LEN, "repeats": args.repeats, "orders": orders,
         "tokens": runs["cold"][0]["tokens"], "seed_real_tokens": runs["seed"][0]["tokens"],
-        "encoder": runs["cold"][0]["encoder"],
+        "encoder": runs["cold"][0]["encoder"], "encoder_glibc": runs["cold_glibc"][0]["encoder"],
         "summary": summary, "ratios_per_repeat": ratios,
         "ratios": {k: spread(v, 3) for k, v in ratios.items()},
         "goals": {"cold >= 5x seed (median of per-repeat ratios)": cold_vs_seed["median"] >= 5,
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(r: dict) -> str:
     names = {"seed": "seed 000 loop (own process)", "cold": "ftflow tokenize, cold", "cold_1thread":
-             "  same, tokenizer on 1 thread", "hit": "ftflow tokenize, cache hit"}
+             "  same, tokenizer on 1 thread", "cold_glibc": "  same, encode on glibc malloc", "hit": "ftflow tokenize, cache hit"}
     s = r["summary"]
     lines = [f"tokenize: {r['rows']:,} conversations ({r['input_mb']} MB), {r['tokens']:,} tokens, max_length "
              f"{r['max_length']}; {r['repeats']} repeats, random order; median [min-max]; encoder: {r['encoder']}",
@@ -229,6 +234,8 @@ def format_table(r: dict) -> str:
               f"{'met' if r['goals']['hit < 1 s (median)'] else 'NOT met'}]",
               f"tokenizer on 1 thread / threads on: {fmt(r['ratios']['cold_1thread_vs_cold'])}x wall, per repeat "
               f"{q['cold_1thread_vs_cold']}",
+              f"encode on glibc in process / on mimalloc child: {fmt(r['ratios']['cold_glibc_vs_cold'])}x wall, per repeat "
+              f"{q['cold_glibc_vs_cold']}",
               load_line(r["load"]),
               f"written to {r['out']}"]
     return "\n".join(lines)

@@ -33,8 +33,18 @@ def product_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
            "HF_HUB_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)  # local ephemeral Prefect, a state folder per run
+    # DeepSpeed JIT-builds its CPU comm op into TORCH_EXTENSIONS_DIR (~/.cache by default). Checkouts
+    # with other venv paths sharing that cache rebuild it in turn (tens of seconds on every launch);
+    # a user's one venv builds it once (`make setup`). The bench keeps its own, built before timing.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".ftflow" / "bench-torch-extensions"))
     env.update(extra)
     return env
+
+
+def build_deepspeed_ops() -> None:
+    """Build DeepSpeed's CPU comm op once into the bench's extension folder (as `make setup` does)."""
+    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                   env=product_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _busy_seconds() -> float | None:
