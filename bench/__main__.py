@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = {  # part: (module, full-size args, quick args, result file)
     "tokenize": ("bench.bench_tokenize", [], ["--rows", "10000", "--repeats", "3"], "tokenize.json"),
     "train": ("bench.bench_train", [], ["--samples", "64", "--repeats", "3"], "train.json"),
-    "inference": ("bench.bench_inference", [], ["--max-new-tokens", "32", "--repeats", "3"], "inference.json"),
+    "inference": ("bench.bench_inference", [], ["--max-samples", "32", "--max-new-tokens", "32", "--repeats", "3"], "inference.json"),
     "pipeline": ("bench.bench_pipeline", [], ["--quick"], "pipeline.json"),
     "convert": ("bench.bench_convert", [], ["--rows", "100000"], "convert.json"),
     "kernels": ("bench.bench_kernels", [], ["--repeats", "1", "--samples", "24", "--tokens", "1024"], "kernels.json"),

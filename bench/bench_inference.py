@@ -51,13 +51,14 @@ def seed_loop(model, tokenizer, prompts_messages, max_new_tokens: int, eos_ids: 
     return out
 
 
-def run_one(method: str, model_dir: str, data: str, max_new_tokens: int, batch_size: int, out: str) -> int:
+def run_one(method: str, model_dir: str, data: str, max_new_tokens: int, batch_size: int, max_samples: int | None,
+            out: str) -> int:
     """One method in this (fresh) process; writes its replies and its own loop time."""
     t0 = time.perf_counter()
     from tasks.evaluate import generate_batch, load_for_inference, read_eval_jsonl, stop_token_ids
 
     model, tokenizer, _ = load_for_inference(model_dir)
-    prompts = [r["messages"][:-1] for r in read_eval_jsonl(data, None)]
+    prompts = [r["messages"][:-1] for r in read_eval_jsonl(data, max_samples)]
     t1 = time.perf_counter()
     if method == "seed_loop":
         replies = seed_loop(model, tokenizer, prompts, max_new_tokens, stop_token_ids(model, tokenizer))
@@ -96,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["_run"]:
-        m, model_dir, data, mnt, bs, out = argv[1:7]
-        return run_one(m, model_dir, data, int(mnt), int(bs), out)
+        m, model_dir, data, mnt, bs, n, out = argv[1:8]
+        return run_one(m, model_dir, data, int(mnt), int(bs), int(n) or None, out)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a model folder (default: the noisy embedded tiny model)")
     ap.add_argument("--noise", type=float, default=0.3, help="std of the re-drawn weights of the default model")
     ap.add_argument("--data", default=str(DEMO), help="canonical eval JSONL (the last message of each row is the reference)")
+    ap.add_argument("--max-samples", type=int, default=None, help="the first N prompts only")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="repeats (>= 3)")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in order:
                 out = tmp / f"{m}-{k}.json"
                 r = run_timed([python(), "-m", "bench.bench_inference", "_run", m, model_dir, args.data,
-                               str(args.max_new_tokens), str(args.batch_size), str(out)], env=product_env(), cwd=tmp)
+                               str(args.max_new_tokens), str(args.batch_size), str(args.max_samples or 0), str(out)], env=product_env(), cwd=tmp)
                 inner = json.loads(out.read_text())
                 r.update(startup_s=round(r["wall_s"] - inner["loop_s"], 3), loop_s=round(inner["loop_s"], 3))
                 r.pop("stdout"), r.pop("stderr")
