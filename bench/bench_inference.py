@@ -169,10 +169,10 @@ def format_table(r: dict) -> str:
              f"{rep['distinct']} distinct, {rep['stopped_early']} stopped early, new tokens min/median/max "
              f"{rep['new_tokens']['min']}/{rep['new_tokens']['median']}/{rep['new_tokens']['max']}; "
              f"{r['repeats']} repeats in random order; median [min-max]", "",
-             f"{'method':<30}{'wall s':>22}{'loop s':>22}{'start-up s':>20}"]
+             f"{'method':<32}{'wall s':>26}{'loop s':>26}{'start-up s':>22}"]
     names = {"seed_loop": "seed 004 loop (one at a time)", "generate_batch": f"generate_batch (bs={r['batch_size']})"}
     for m, s in r["summary"].items():
-        lines.append(f"{names[m]:<30}{fmt(s['wall_s']):>22}{fmt(s['loop_s']):>22}{fmt(s['startup_s']):>20}")
+        lines.append(f"{names[m]:<32}{fmt(s['wall_s']):>26}{fmt(s['loop_s']):>26}{fmt(s['startup_s']):>22}")
     lines += ["",
               f"batched vs seed loop: wall {fmt(r['ratios']['wall'])}x (per repeat {r['ratios_per_repeat']['wall']}); "
               f"loop alone {fmt(r['ratios']['loop'])}x (per repeat {r['ratios_per_repeat']['loop']})",
