@@ -12,7 +12,8 @@ Parts (each also runs alone as `python -m bench.bench_X`, see its docstring):
 - inference: seed 004's one-prompt loop vs `generate_batch`, replies of varied lengths, compared;
 - pipeline: (process wall - stage compute) / process wall of `ftflow run configs/demo.yaml`.
 Not in the default suite (micro-benchmarks of one function, not a product path; `--only` runs them):
-- convert: the data stage's rows/s and peak RSS; kernels: torch.compile, bf16, chunked loss.
+- convert: the data stage's rows/s and peak RSS; kernels: torch.compile, bf16, chunked loss;
+- train_gpu: Qwen2.5-0.5B shape, bf16, packed, MFU (skipped with a message when there is no CUDA).
 Every part records the host's load (`bench/common.py`) and its table says LOADED HOST when other
 processes used more than a quarter of a core. Each part writes bench/results/<part>.json; the
 suite writes bench/results/suite.json.
@@ -38,6 +39,7 @@ PARTS = {  # part: (module, full-size args, quick args, result file)
     "pipeline": ("bench.bench_pipeline", [], ["--quick"], "pipeline.json"),
     "convert": ("bench.bench_convert", [], ["--rows", "100000"], "convert.json"),
     "kernels": ("bench.bench_kernels", [], ["--repeats", "1", "--samples", "24", "--tokens", "1024"], "kernels.json"),
+    "train_gpu": ("bench.bench_gpu", [], [], "train_gpu.json"),
 }
 DEFAULT = ("tokenize", "train", "inference", "pipeline")
 
@@ -71,6 +73,25 @@ def headline(part: str, r: dict) -> list[tuple[str, str, str]]:
         share = r["summary"]["process_overhead_share"]
         pct = {k: (100 * v if k != "n" else v) for k, v in share.items()}
         return [("pipeline orchestration (wall - stages) / wall", f"{fmt(pct, '%', 1)}{_loaded(r)}", "<= 10%")]
+    if part == "train_gpu":
+        if "skipped" in r:
+            return [("train GPU (0.5B, bf16, packed)", "skipped: no CUDA device", "MFU >= 40%")]
+        return [("train GPU (0.5B, bf16, packed)", f"{r['trained_tokens_per_s']:,} trained tok/s, MFU {r['mfu_vs_spec']} of "
+                 f"{r['spec_bf16_tflops']} TFLOP/s ({r['mfu_vs_measured_matmul']} of measured matmul), "
+                 f"{r['peak_memory_gib']} GiB", "MFU >= 40%")]
+    if part == "kernels":
+        rows = []
+        if "train_step" in r:
+            med, diff = r["train_step"]["median"], r["train_step"]["max_abs_loss_diff_vs_eager"]
+            for v in ("compiled", "bf16"):
+                if v in med:
+                    rows.append((f"kernels {v} vs eager step", f"{med['eager']['step_s'] / med[v]['step_s']:.2f}x "
+                                 f"(first step {med[v]['first_step_s']:.1f}s, max |loss diff| {diff[v]:.1e})", ""))
+        if "loss" in r:
+            med = r["loss"]["median"]
+            rows.append(("kernels chunked vs full LM-head loss", f"{med['full']['seconds'] / med['chunked']['seconds']:.2f}x speed, "
+                         f"{med['chunked']['peak_over_inputs_mb'] / med['full']['peak_over_inputs_mb']:.2f}x peak memory", ""))
+        return rows
     if part == "convert":
         big = max(r["runs"], key=lambda x: x["rows"])
         return [("convert rows/s", f"{big['rows_per_s']:,.0f} ({big['rows']:,} rows, peak RSS {big['peak_rss_mb']:.0f} MB)", "")]
