@@ -1,18 +1,22 @@
-"""The benchmark suite: every part in its own process, one table at the end (never part of `make test`).
+"""The benchmark suite: every figure from the product path, each method a fresh process timed as the
+user waits; one summary table at the end (never part of `make test`).
 
-    python -m bench                  # full sizes (tens of minutes on a 2-core CPU)
-    python -m bench --quick          # smoke sizes: every part runs, figures are indicative only
+    python -m bench                  # full sizes (an hour or more on a 2-core CPU)
+    python -m bench --quick          # smaller inputs, still >= 3 repeats of every method
     python -m bench --only train,pipeline
 
 Parts (each also runs alone as `python -m bench.bench_X`, see its docstring):
-- convert: data stage rows/s and peak RSS;
-- tokenize: seed 000's loop vs ftflow cold build vs cache hit;
-- inference: seed 004's one-prompt loop vs batched generation;
-- train: seed recipe vs TRL SFTTrainer vs ftflow's training path (trained tokens/s, loss, RSS);
-- train_gpu: Qwen2.5-0.5B shape, bf16, packed, MFU (skipped with a message when there is no CUDA);
-- kernels: torch.compile, bf16 autocast and a chunked LM-head loss against the eager fp32 step;
-- pipeline: orchestration overhead of `ftflow run` (flow wall time minus the stages' own compute).
-Each part writes bench/results/<part>.json; the suite writes bench/results/suite.json.
+- tokenize: `ftflow tokenize` cold, on one tokenizer thread, and a cache hit vs seed 000's loop;
+- train: the seed recipe, TRL SFTTrainer (packed bfd, length-grouped) and ftflow's train stage
+  (`tasks.train.run_training`), 2 ranks, ZeRO-3: trained tokens/s, held-out loss, peak RSS;
+- inference: seed 004's one-prompt loop vs `generate_batch`, replies of varied lengths, compared;
+- pipeline: (process wall - stage compute) / process wall of `ftflow run configs/demo.yaml`.
+Not in the default suite (micro-benchmarks of one function, not a product path; `--only` runs them):
+- convert: the data stage's rows/s and peak RSS; kernels: torch.compile, bf16, chunked loss;
+- train_gpu: Qwen2.5-0.5B shape, bf16, packed, MFU (skipped with a message when there is no CUDA).
+Every part records the host's load (`bench/common.py`) and its table says LOADED HOST when other
+processes used more than a quarter of a core. Each part writes bench/results/<part>.json; the
+suite writes bench/results/suite.json.
 """
 
 from __future__ import annotations
@@ -29,39 +33,46 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = {  # part: (module, full-size args, quick args, result file)
-    "convert": ("bench.bench_convert", [], ["--rows", "100000"], "convert.json"),
-    "tokenize": ("bench.bench_tokenize", [], ["--rows", "2000", "--repeats", "3"], "tokenize.json"),
-    "inference": ("bench.bench_inference", ["--threads", "1"], ["--threads", "1", "--max-new-tokens", "32"], "inference.json"),
-    "train": ("bench.bench_train", [], ["--quick"], "train.json"),  # --quick writes train_quick.json
-    "train_gpu": ("bench.bench_train", ["--gpu"], ["--gpu"], "train_gpu.json"),
-    "kernels": ("bench.bench_kernels", [], ["--repeats", "1", "--samples", "24", "--tokens", "1024"], "kernels.json"),
+    "tokenize": ("bench.bench_tokenize", [], ["--rows", "10000", "--repeats", "3"], "tokenize.json"),
+    "train": ("bench.bench_train", [], ["--samples", "64", "--repeats", "3"], "train.json"),
+    "inference": ("bench.bench_inference", [], ["--max-samples", "32", "--max-new-tokens", "32", "--repeats", "3"], "inference.json"),
     "pipeline": ("bench.bench_pipeline", [], ["--quick"], "pipeline.json"),
+    "convert": ("bench.bench_convert", [], ["--rows", "100000"], "convert.json"),
+    "kernels": ("bench.bench_kernels", [], ["--repeats", "1", "--samples", "24", "--tokens", "1024"], "kernels.json"),
+    "train_gpu": ("bench.bench_gpu", [], [], "train_gpu.json"),
 }
+DEFAULT = ("tokenize", "train", "inference", "pipeline")
+
+
+def _loaded(r: dict) -> str:
+    return "  (LOADED HOST)" if r.get("load", {}).get("loaded") else ""
 
 
 def headline(part: str, r: dict) -> list[tuple[str, str, str]]:
     """(figure, value, goal) rows of one part's JSON for the summary table."""
-    if part == "convert":
-        big = max(r["runs"], key=lambda x: x["rows"])
-        return [("convert rows/s", f"{big['rows_per_s']:,.0f} ({big['rows']:,} rows, peak RSS {big['peak_rss_mb']:.0f} MB)", "")]
+    from bench.common import fmt
+
     if part == "tokenize":
-        return [("tokenize cold vs seed loop", f"{r['cold_vs_seed']['wall']}x wall, {r['cold_vs_seed']['cpu']}x cpu", ">= 5x"),
-                ("tokenize cache hit vs cold", f"{r['hit_vs_cold']['wall']}x wall", ">= 20x")]
-    if part == "inference":
-        return [("batched vs per-prompt generation", f"{r['speedup']}x (outputs equal: {r['outputs_equal']})", ">= 5x")]
+        s = r["summary"]
+        return [("tokenize: ftflow cold vs seed loop (wall)", f"{fmt(r['ratios']['cold_vs_seed'])}x{_loaded(r)}", ">= 5x"),
+                ("tokenize: cache hit (wall)", f"{fmt(s['hit']['wall_s'])} s{_loaded(r)}", "< 1 s")]
     if part == "train":
-        rows = []
-        for m, x in r["methods"].items():
-            if "error" in x:
-                rows.append((f"train {m}", f"FAILED: {x['error'][:60]}", ""))
-                continue
-            rows.append((f"train {m}", f"{x['trained_tokens_per_s']:,.0f} trained tok/s, {x['tokens_per_s']:,.0f} tok/s, "
-                         f"pad {100 * x['padding_share']:.0f}%, RSS {x['peak_rss_mb']:,.0f} MB, "
-                         f"loss {x['train_loss_last3']:.3f}/{x['held_out_loss']:.3f}", ""))
-        ratios = r["ratios"]
-        rows.append(("train ftflow best vs seed", f"{ratios['ftflow_best_vs_seed']}x", ">= 3x"))
-        rows.append(("train ftflow best vs TRL best", f"{ratios['ftflow_best_vs_trl_best']}x", ">= 1.2x"))
+        rows = [(f"train {m}", f"{fmt(x['trained_tokens_per_s'], digits=0)} trained tok/s (wall), held-out loss "
+                 f"{fmt(x['held_out_loss'], digits=3)}, RSS {x['peak_rss_mb']['median']:,.0f} MB{_loaded(r)}", "")
+                for m, x in r["summary"].items()]
+        q = r["ratios"]
+        if "ftflow_vs_seed_wall" in q:
+            rows.append(("train ftflow vs seed (wall)", f"{fmt(q['ftflow_vs_seed_wall'])}x{_loaded(r)}", ">= 3x"))
+        if "ftflow_vs_trl_best_wall" in q:
+            rows.append(("train ftflow vs TRL's best (wall)", f"{fmt(q['ftflow_vs_trl_best_wall'])}x{_loaded(r)}", ">= 1.2x"))
         return rows
+    if part == "inference":
+        return [("inference batched vs seed loop (wall)", f"{fmt(r['ratios']['wall'])}x, outputs equal: "
+                 f"{r['outputs_equal']}{_loaded(r)}", "")]
+    if part == "pipeline":
+        share = r["summary"]["process_overhead_share"]
+        pct = {k: (100 * v if k != "n" else v) for k, v in share.items()}
+        return [("pipeline orchestration (wall - stages) / wall", f"{fmt(pct, '%', 1)}{_loaded(r)}", "<= 10%")]
     if part == "train_gpu":
         if "skipped" in r:
             return [("train GPU (0.5B, bf16, packed)", "skipped: no CUDA device", "MFU >= 40%")]
@@ -81,17 +92,16 @@ def headline(part: str, r: dict) -> list[tuple[str, str, str]]:
             rows.append(("kernels chunked vs full LM-head loss", f"{med['full']['seconds'] / med['chunked']['seconds']:.2f}x speed, "
                          f"{med['chunked']['peak_over_inputs_mb'] / med['full']['peak_over_inputs_mb']:.2f}x peak memory", ""))
         return rows
-    if part == "pipeline":
-        m = r["median"]
-        return [("pipeline orchestration overhead", f"{m['overhead_s']:.1f}s of {m['wall_s']:.1f}s wall = "
-                 f"{100 * m['overhead_share_of_wall']:.1f}%", "<= 10%")]
+    if part == "convert":
+        big = max(r["runs"], key=lambda x: x["rows"])
+        return [("convert rows/s", f"{big['rows_per_s']:,.0f} ({big['rows']:,} rows, peak RSS {big['peak_rss_mb']:.0f} MB)", "")]
     return []
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke sizes for every part")
-    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {list(PARTS)}")
+    ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated parts of {list(PARTS)}")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
@@ -106,18 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", module, *(quick if args.quick else full)]
         print(f"== {part}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # progress (stderr) shows as it runs
         seconds = round(time.perf_counter() - t0, 1)
         entry: dict = {"command": "python " + " ".join(cmd[1:]), "seconds": seconds, "exit": proc.returncode}
         if proc.returncode != 0:
-            entry["error"] = (proc.stderr or proc.stdout)[-2000:]
+            entry["error"] = f"exit {proc.returncode}; its error is printed above. stdout tail: {proc.stdout[-2000:]}"
             rows.append((part, f"FAILED (exit {proc.returncode}), see suite.json", ""))
         else:
-            if args.quick and part == "train":
-                result_file = "train_quick.json"
             result = json.loads((RESULTS / result_file).read_text())
             entry["result"] = result
             rows += headline(part, result)
+        print(proc.stdout, flush=True)  # the part's own table
         print(f"   {seconds}s, exit {proc.returncode}", flush=True)
         suite["parts"][part] = entry
 

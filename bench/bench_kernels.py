@@ -86,20 +86,28 @@ def in_child(fn, *args):
 
 def packed_batches(samples: int, tmp: Path) -> list[dict]:
     """bench_train's data, batched as the worker batches it (8 samples a packed row)."""
-    from bench.bench_train import BATCH, prepare
-    from tasks.collate import PackedCollator
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
 
-    data = prepare(samples, tmp)["ftflow"]
+    from bench.bench_train import MICRO
+    from bench.workload import embedded_model_dir, generate, tokens_per_word
+    from tasks.collate import PackedCollator
+    from tasks.tokenize import tokenize_dataset
+
+    model_dir = embedded_model_dir()
+    generate(tmp / "train.jsonl", samples, tokens_per_word(AutoTokenizer.from_pretrained(model_dir)))
+    data = load_from_disk(str(tokenize_dataset(tmp / "train.jsonl", model_dir, cache_root=tmp / "cache", max_length=1024,
+                                               length_policy="truncate").path))
     rows = [data[i] for i in range(len(data))]
     collate = PackedCollator()
-    return [dict(collate(rows[i:i + BATCH])) for i in range(0, len(rows) - BATCH + 1, BATCH)]
+    return [dict(collate(rows[i:i + MICRO])) for i in range(0, len(rows) - MICRO + 1, MICRO)]
 
 
 def train_steps(batches: list[dict], variant: str, threads: int) -> dict:
     """Training steps on `batches` with one variant: eager, compiled or bf16."""
     import torch
 
-    from bench.bench_train import LR, MODEL_SHAPE
+    from bench.bench_train import MODEL_SHAPE, SCHEDULE
     from tasks.collate import register_packed_attention
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -113,7 +121,7 @@ def train_steps(batches: list[dict], variant: str, threads: int) -> dict:
         # A fresh inductor cache: the first step pays the whole compilation, as a first run does.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ftflow-bench-inductor-")
         model.model = torch.compile(model.model, dynamic=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = torch.optim.AdamW(model.parameters(), lr=SCHEDULE["learning_rate"])
     times, losses = [], []
     for b in batches:
         t0 = time.perf_counter()

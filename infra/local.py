@@ -24,6 +24,10 @@ def configure_environment() -> dict[str, str]:
         "PREFECT_UI_ENABLED": "false" if not os.environ.get("PREFECT_API_URL") else "true",
         "DO_NOT_TRACK": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        # This process forks (Prefect, multiprocessing); a tokenizer thread pool used before a fork can
+        # deadlock the child, and an explicit setting keeps tokenizers from switching it off there. The
+        # big encode runs in its own never-forking child, which sets it true on 2+ cores
+        # (tasks.encode_process.child_environment).
         "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "GIT_PYTHON_REFRESH": "quiet",

@@ -76,6 +76,30 @@ def find_malloc(setting: str | None = None) -> str | None:
     return found
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def child_environment(malloc: str) -> dict[str, str]:
+    """The child's environment: this one, `malloc` preloaded, and the tokenizer's threads on.
+
+    `TOKENIZERS_PARALLELISM` is set, not defaulted: the CLI sets it to false for its own process
+    (`infra.local`), which forks and spawns after the tokenizer's thread pool may exist; the child is
+    a fresh process that never forks, so its batched encode uses every core it may run on (on 2
+    cores the cold build of the 20,000-conversation bench workload was ~10-20% faster than with
+    false, `bench/RESULTS.md`). One core: false (threads only add overhead). `RAYON_NUM_THREADS`,
+    if set, still caps the threads.
+    """
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(filter(None, [malloc, env.get("LD_PRELOAD", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["TOKENIZERS_PARALLELISM"] = "true" if _cores() >= 2 else "false"
+    return env
+
+
 class EncodeProcess:
     """One child process running `encode_batch(_fast)` for the parent.
 
@@ -86,10 +110,7 @@ class EncodeProcess:
 
     def __init__(self, backend, *, with_offsets: bool, malloc: str):
         self.malloc, self.with_offsets = malloc, with_offsets
-        env = dict(os.environ)
-        env["LD_PRELOAD"] = " ".join(filter(None, [malloc, env.get("LD_PRELOAD", "")]))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        env.setdefault("TOKENIZERS_PARALLELISM", "true")
+        env = child_environment(malloc)
         self._lock = threading.Lock()
         self.preloaded: bool | None = None  # whether the child really runs on `malloc` (its first reply says)
         self._proc = subprocess.Popen(

@@ -82,6 +82,20 @@ def test_installed_allocator_is_really_loaded_in_the_child(tok):
     assert offsets is None and len(counts) == 8
 
 
+@pytest.mark.parametrize("cores,expected", [({0, 1}, "true"), ({0}, "false")])
+def test_child_sets_the_tokenizer_threads_for_its_cores_not_the_inherited_setting(tok, monkeypatch, cores, expected):
+    # The CLI's process runs with TOKENIZERS_PARALLELISM=false (infra.local); the child must not
+    # inherit it on 2+ cores. Read from the live child's own environment, as the kernel holds it.
+    if not Path("/proc/self/environ").exists():
+        pytest.skip("no procfs")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false" if expected == "true" else "true")
+    monkeypatch.setattr(ep.os, "sched_getaffinity", lambda pid: cores, raising=False)
+    with ep.EncodeProcess(tok.backend_tokenizer, with_offsets=False, malloc=any_malloc()) as enc:
+        enc.encode(["hello"])
+        environ = Path(f"/proc/{enc._proc.pid}/environ").read_bytes().split(b"\0")
+    assert f"TOKENIZERS_PARALLELISM={expected}".encode() in environ
+
+
 def test_a_library_that_cannot_be_preloaded_is_reported(tmp_path, tok, caplog):
     bogus = tmp_path / "libnotmalloc.so"
     bogus.write_text("not an ELF file")
