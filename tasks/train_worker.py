@@ -326,8 +326,9 @@ def main(job_path: str) -> int:
         attn_implementation = register_packed_attention()
 
     ds_config = fill_deepspeed_config(job.deepspeed_config, t, world) if job.deepspeed_config else None
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and (ds_config or not dist.is_initialized()):
         # Before the model loads: ZeRO-3's zero.Init counts the world size from the process group.
+        # Under Ray Train the group exists already (Ray joined it); DeepSpeed then adopts it.
         if ds_config:
             import deepspeed
 
