@@ -92,7 +92,7 @@ class RayConfig(_Section):
 
     address: str = Field(
         "auto", description="Ray cluster to connect to: auto (the cluster this machine belongs to; RAY_ADDRESS wins "
-        "when set), HOST:PORT of the head's GCS, or ray://HOST:10001 (Ray Client)."
+        "when set) or HOST:PORT of the head's GCS (ray start --head --port)."
     )
     num_workers: int = Field(2, ge=1, description="Training ranks (Ray Train workers), one placement-group bundle each.")
     resources_per_worker: dict[str, float] = Field(

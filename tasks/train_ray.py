@@ -172,7 +172,7 @@ def _tail_rank0(log_dir: Path, stop: threading.Event) -> None:
                     pos += len(chunk[:cut].encode())
         except FileNotFoundError:
             pass
-        stop.wait(0.5)
+        stop.wait(0.2)
 
 
 def _exit_code_from(text: str) -> int | None:
