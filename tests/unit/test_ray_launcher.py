@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,27 @@ def test_ray_config_valid():
     cfg = validate({"data": {"train": ["a.jsonl"]}, "train": {"launcher": "ray", "ray": {
         "num_workers": 16, "resources_per_worker": {"GPU": 1, "CPU": 8}, "storage_path": "/shared/train"}}})
     assert cfg.train.ray.resources_per_worker == {"GPU": 1.0, "CPU": 8.0} and cfg.train.ray.address == "auto"
+
+
+def test_documented_ray_command_validates():
+    """The overrides README and configs/qwen2.5-7b-lora-zero3.yaml give for two nodes x 8 GPUs."""
+    from ftflow.config import load_config
+    from ftflow.utils import PROJECT_ROOT
+
+    path = PROJECT_ROOT / "configs/qwen2.5-7b-lora-zero3.yaml"
+    overrides = ["train.launcher=ray", "train.ray.num_workers=16", "train.ray.resources_per_worker={GPU: 1, CPU: 8}",
+                 "train.ray.storage_path=/shared/ftflow-train"]
+    assert " ".join(f"--set {o}" if " " not in o else f"--set '{o}'" for o in overrides) in " ".join(
+        line.lstrip("#").strip().rstrip("\\").strip() for line in path.read_text().splitlines()[:6])
+    t = load_config(path, overrides).train
+    assert (t.launcher, t.ray.num_workers, t.ray.resources_per_worker) == ("ray", 16, {"GPU": 1.0, "CPU": 8.0})
+    assert training_root(t) == Path("/shared/ftflow-train")
+
+
+def test_multi_node_torchrun_is_refused_before_anything_starts(tmp_path):
+    from tasks.train import TrainingFailed, run_training
+
+    train = TrainConfig(nnodes=2, node_rank=0, master_addr="10.0.0.1", master_port=29500)
+    with pytest.raises(TrainingFailed, match="train.launcher=ray"):
+        run_training(train=train, train_dir=tmp_path / "t", model_path="m", dataset_path="d", pad_token_id=0)
+    assert not (tmp_path / "t" / "logs").exists()
