@@ -44,8 +44,10 @@ def test_workers_get_only_the_environment_they_need():
 
 
 def test_exit_code_from_rays_account_of_a_dead_worker():
-    assert _exit_code_from("The actor died because its worker process was killed by signal SIGKILL") == -signal.SIGKILL
-    assert _exit_code_from("Worker exited with code 3") == 3
+    assert _exit_code_from("Worker exited with code 3") == 3 and _exit_code_from("exit code: -9") == -signal.SIGKILL
+    # a list of possible causes is not an exit code
+    assert _exit_code_from("Worker unexpectedly exits with a connection error code 2. End of file. "
+                           "(1) The process is killed by SIGKILL by OOM killer due to high memory usage.") is None
     assert _exit_code_from("ValueError: bad") is None
 
 
