@@ -11,6 +11,11 @@ No rank outlives the run that launched it: torchrun gets SIGTERM when its launch
 SIGKILL (Linux parent-death signal), and stops its ranks; the folder's lock stays held by torchrun
 until it has exited, so the next run never meets ranks still writing; and any rank still alive
 after torchrun ended is killed.
+
+With `train.launcher: ray` the same supervision runs the Ray driver (`tasks.train_ray`) instead of
+torchrun: the ranks run on a Ray cluster, rank 0's log is streamed the same way, and a failed worker
+is reported the same way (rank, node, pid, log tail). torchrun across several nodes is refused: one
+flow per node would deadlock on the `gpu` slot and this folder's lock (README, "Several nodes: Ray").
 """
 
 from __future__ import annotations
