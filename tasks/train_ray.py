@@ -85,9 +85,14 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
         raise ConnectionError(f"nothing answers at {address} ({err})") from None
 
 
+# The ranks read the model from a local folder, never from the Hub: the Hub token stays here
+# (runtime_env variables are visible to whoever can read the cluster's dashboard).
+WITHHELD_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
 def propagated_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = dict(os.environ if environ is None else environ)
-    return {k: v for k, v in environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
+    return {k: v for k, v in environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES) and k not in WITHHELD_ENV}
 
 
 def driver_command(spec_path: Path) -> list[str]:

@@ -39,7 +39,8 @@ def test_address_auto_defers_to_ray_address(monkeypatch):
 
 
 def test_workers_get_only_the_environment_they_need():
-    env = propagated_env({"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": "http://x", "FTFLOW_HOME": "/s", "AWS_SECRET": "k", "PATH": "/bin"})
+    env = propagated_env({"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": "http://x", "FTFLOW_HOME": "/s", "AWS_SECRET": "k",
+                          "PATH": "/bin", "HF_TOKEN": "hf_x"})
     assert env == {"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": "http://x", "FTFLOW_HOME": "/s"}
 
 
