@@ -112,6 +112,35 @@ class QuantConfig(_Section):
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
+class RayConfig(_Section):
+    """train.launcher=ray: where the ranks run (README, "Several nodes: Ray")."""
+
+    address: str = Field(
+        "auto", description="Ray cluster to connect to: auto (the cluster this machine belongs to; RAY_ADDRESS wins "
+        "when set) or HOST:PORT of the head's GCS (ray start --head --port)."
+    )
+    num_workers: int = Field(2, ge=1, description="Training ranks (Ray Train workers), one placement-group bundle each.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0}, description="Resources of one worker, e.g. {GPU: 1, CPU: 8}; "
+        "with GPU > 0 the ranks use NCCL, else gloo."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How the bundles are placed on nodes (Ray placement groups); STRICT_SPREAD: one worker per node."
+    )
+    storage_path: str | None = Field(
+        None, description="Folder every node mounts at the same path (NFS, Lustre, a PVC) that holds the training "
+        "folder: checkpoints, rank logs, final state. null: <FTFLOW_HOME>/train, which must then be shared."
+    )
+    schedule_timeout_s: float = Field(
+        60.0, gt=0, description="Wait this long for the whole placement group (all workers at once), then fail naming "
+        "what is missing instead of waiting for a cluster too small."
+    )
+    max_failures: int = Field(
+        0, ge=0, description="Restart the workers this many times after a worker dies, each time from the latest "
+        "complete checkpoint, within the same run. 0: fail the run (the next run resumes), as with torchrun."
+    )
+
+
 class TrainConfig(_Section):
     mode: Literal["full", "lora", "qlora"] = "full"
     deepspeed: str | None = Field(
@@ -153,6 +182,11 @@ class TrainConfig(_Section):
     logging_steps: int = Field(5, ge=1)
     seed: int = 42
     timeout_minutes: float = Field(600, gt=0, description="Kill every rank after this long.")
+    launcher: Literal["torchrun", "ray"] = Field(
+        "torchrun", description="torchrun: ranks on this machine (nproc_per_node); ray: train.ray.num_workers ranks on a "
+        "Ray cluster, one flow run in charge (several nodes)."
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
 
@@ -228,6 +262,12 @@ class PipelineConfig(_Section):
             problems.append(f"train.node_rank={t.node_rank} must be below train.nnodes={t.nnodes}.")
         if t.nnodes > 1 and t.master_addr in ("127.0.0.1", "localhost"):
             problems.append("train.nnodes > 1 needs train.master_addr set to node 0's address that the other nodes reach.")
+        if t.launcher == "ray" and (t.nnodes > 1 or t.node_rank > 0):
+            problems.append("train.nnodes/node_rank are torchrun settings; with train.launcher=ray set train.ray.num_workers "
+                            "(the ranks of all nodes) instead.")
+        if t.launcher == "ray" and t.ray.storage_path and "://" in t.ray.storage_path:
+            problems.append(f"train.ray.storage_path={t.ray.storage_path!r}: the ranks write DeepSpeed checkpoints with file "
+                            "I/O, so give a folder every node mounts at the same path (NFS, Lustre, a Kubernetes PVC).")
         if t.precision == "fp16" and t.mode == "qlora":
             problems.append("train.mode=qlora with precision=fp16 is unstable; use precision=bf16.")
         if t.mode == "qlora" and t.precision != "fp32" and t.quant.compute_dtype == "float32":

@@ -298,11 +298,11 @@ def _rank0_line(line: str) -> str:
 def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """Launch the ranks. Never retried: a failure resumes from the last checkpoint on the next run."""
     from tasks.lineage import end_run, log_dict, log_loss_plot, set_tags, start_child_run
-    from tasks.train import load_deepspeed_config, run_training, train_key
+    from tasks.train import load_deepspeed_config, run_training, train_key, training_root
 
     logger = get_run_logger()
     key = train_key(cfg.train, tokens.key, base.fingerprint, tokens.template_text)
-    train_dir = state_dir() / "train" / f"{cfg.name}-{key}"
+    train_dir = training_root(cfg.train) / f"{cfg.name}-{key}"
     child = start_child_run(experiment_id, parent_run_id, "train", tags={"ftflow.train_key": key})
     import os
 

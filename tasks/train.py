@@ -11,6 +11,11 @@ No rank outlives the run that launched it: torchrun gets SIGTERM when its launch
 SIGKILL (Linux parent-death signal), and stops its ranks; the folder's lock stays held by torchrun
 until it has exited, so the next run never meets ranks still writing; and any rank still alive
 after torchrun ended is killed.
+
+With `train.launcher: ray` the same supervision runs the Ray driver (`tasks.train_ray`) instead of
+torchrun: the ranks run on a Ray cluster, rank 0's log is streamed the same way, and a failed worker
+is reported the same way (rank, node, pid, log tail). torchrun across several nodes is refused: one
+flow per node would deadlock on the `gpu` slot and this folder's lock (README, "Several nodes: Ray").
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import IO, Any, Callable, Iterator
 import psutil
 
 from ftflow.config import TrainConfig, project_path
-from ftflow.utils import PROJECT_ROOT, sha256_json
+from ftflow.utils import PROJECT_ROOT, sha256_json, state_dir
 from tasks.train_worker import COMPLETE_MARKER, Job, is_complete_checkpoint, latest_complete_checkpoint
 
 log = logging.getLogger("ftflow.train")
@@ -53,7 +58,10 @@ class TrainingFailed(RuntimeError):
 def train_key(train: TrainConfig, dataset_key: str, model_fingerprint: str, template_text: str | None) -> str:
     """Everything that changes the trained weights. Launch-only settings (timeout, node rank,
     rendezvous address, logging cadence) are left out so a resumed run finds its checkpoints."""
-    settings = train.model_dump(exclude={"timeout_minutes", "node_rank", "master_addr", "master_port", "logging_steps"})
+    settings = train.model_dump(exclude={"timeout_minutes", "node_rank", "master_addr", "master_port", "logging_steps",
+                                         "launcher", "ray"})
+    if train.launcher == "ray":  # the world size and device kind; where and how it is scheduled are launch-only
+        settings["ray"] = {"num_workers": train.ray.num_workers, "gpu": train.ray.resources_per_worker.get("GPU", 0) > 0}
     return sha256_json(
         {"train": settings, "data": dataset_key, "model": model_fingerprint, "template": template_text, "v": TRAIN_CODE_VERSION}
     )[:16]
@@ -171,23 +179,21 @@ def _sigterm_when_parent_dies(parent: int) -> Callable[[], None] | None:
     return preexec
 
 
-def launch(
-    job_path: Path,
+def _supervise(
+    cmd: list[str],
     train: TrainConfig,
     log_dir: Path,
-    on_line: Callable[[str], None] | None = None,
-    on_start: Callable[[subprocess.Popen], None] | None = None,
-    keep_fds: tuple[int, ...] = (),
-) -> None:
-    """Run torchrun to the end. `keep_fds` stay open in torchrun (the training folder's lock, so it
-    is held until torchrun and its ranks are gone, whatever happens to this process)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    cmd = torchrun_command(job_path, train, log_dir)
+    on_line: Callable[[str], None] | None,
+    on_start: Callable[[subprocess.Popen], None] | None,
+    keep_fds: tuple[int, ...],
+) -> tuple[int, str]:
+    """Run a launcher process (torchrun, or the Ray driver) to the end: its output streamed to
+    `on_line`, killed with everything it started on timeout or when this thread is interrupted.
+    Returns (exit code, the last lines of its output)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // train.nproc_per_node)))
     env["PYTHONUNBUFFERED"] = "1"
-    log.info("launching %d rank(s): %s", train.nproc_per_node * train.nnodes, " ".join(cmd))
     proc = subprocess.Popen(
         cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, errors="replace", start_new_session=True,
@@ -208,7 +214,7 @@ def launch(
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     deadline = time.monotonic() + train.timeout_minutes * 60
-    ranks: dict[int, psutil.Process] = {}  # every process torchrun started, to be sure none survives it
+    ranks: dict[int, psutil.Process] = {}  # every process the launcher started, to be sure none survives it
     try:
         while proc.poll() is None:
             ranks.update((p.pid, p) for p in _descendants(proc))
@@ -226,10 +232,27 @@ def launch(
         _kill_survivors(list(ranks.values()))
         reader.join(timeout=5)
     if proc.returncode != 0:
-        output = "\n".join(tail)
-        rank, code = _failed_rank(output)
         kill_group(proc)
-        code = code if code is not None else proc.returncode
+    return proc.returncode, "\n".join(tail)
+
+
+def launch(
+    job_path: Path,
+    train: TrainConfig,
+    log_dir: Path,
+    on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
+    keep_fds: tuple[int, ...] = (),
+) -> None:
+    """Run torchrun to the end. `keep_fds` stay open in torchrun (the training folder's lock, so it
+    is held until torchrun and its ranks are gone, whatever happens to this process)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = torchrun_command(job_path, train, log_dir)
+    log.info("launching %d rank(s): %s", train.nproc_per_node * train.nnodes, " ".join(cmd))
+    returncode, output = _supervise(cmd, train, log_dir, on_line, on_start, keep_fds)
+    if returncode != 0:
+        rank, code = _failed_rank(output)
+        code = code if code is not None else returncode
         rank_tail = _rank_log_tail(log_dir, rank)
         raise TrainingFailed(
             f"training failed: rank {rank if rank is not None else '?'} exited with code {code}. "
@@ -237,6 +260,71 @@ def launch(
             f"Full logs: {log_dir}\n{rank_tail or output[-4000:]}",
             rank, code, rank_tail,
         )
+
+
+def launch_ray(
+    job_path: Path,
+    train: TrainConfig,
+    log_dir: Path,
+    on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
+    keep_fds: tuple[int, ...] = (),
+) -> None:
+    """Run the ranks on a Ray cluster through the driver process of `tasks.train_ray`, supervised
+    like torchrun: it dies with this process, and a failed worker is reported like a failed rank."""
+    from tasks.train_ray import FAILURE_FILE, RaySpec, driver_command, propagated_env
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    r = train.ray
+    spec = RaySpec(
+        job_path=str(job_path), log_dir=str(log_dir), address=r.address, num_workers=r.num_workers,
+        resources_per_worker=dict(r.resources_per_worker), placement_strategy=r.placement_strategy,
+        schedule_timeout_s=r.schedule_timeout_s, max_failures=r.max_failures,
+        storage_path=str(job_path.parent / "ray"), run_name=log_dir.name, env=propagated_env(),
+    )
+    spec_path = job_path.with_name("ray-spec.json")
+    spec_path.write_text(json.dumps(asdict(spec), indent=2))
+    cmd = driver_command(spec_path)
+    log.info("launching %d rank(s) on the Ray cluster %s: %s", r.num_workers, r.address, " ".join(cmd))
+    returncode, output = _supervise(cmd, train, log_dir, on_line, on_start, keep_fds)
+    if returncode == 0:
+        return
+    failure_file = log_dir / FAILURE_FILE
+    failure = json.loads(failure_file.read_text()) if failure_file.is_file() else {}
+    rank, code, worker = failure.get("rank"), failure.get("exit_code"), failure.get("worker") or {}
+    if not failure and returncode < 0:
+        raise TrainingFailed(
+            f"the Ray driver was stopped by signal {-returncode}; Ray stopped its workers with it. The next run resumes "
+            f"from the latest complete checkpoint. Full logs: {log_dir}\n{output[-2000:]}", None, returncode, output[-4000:],
+        )
+    if rank is None:  # nothing ran: no cluster, or one too small
+        raise TrainingFailed(
+            f"training did not start on Ray: {failure.get('error') or output[-4000:]}", None, code, output[-4000:]
+        )
+    where = f" (node {worker.get('node_ip', '?')}, pid {worker.get('pid', '?')})"
+    how = f"exited with code {code}" if code is not None else ("died" if failure.get("process_died") else "failed")
+    rank_tail = _ray_log_tail(log_dir, rank)
+    raise TrainingFailed(
+        f"training failed: rank {rank}{where} {how}. All workers were stopped; the next run resumes from the "
+        f"latest complete checkpoint. Full logs: {log_dir}\nRay: {failure.get('error', '')[-1500:]}\n{rank_tail}",
+        rank, code, rank_tail,
+    )
+
+
+def _ray_log_tail(log_dir: Path, rank: int, lines: int = 40) -> str:
+    f = log_dir / f"rank-{rank}.log"
+    if not f.is_file():
+        return ""
+    text = f.read_text(errors="replace").strip().splitlines()
+    return (f"--- {f.name} ---\n" + "\n".join(text[-lines:]))[-6000:]
+
+
+def training_root(train: TrainConfig) -> Path:
+    """Where training folders live: train.ray.storage_path for Ray runs that set it (a folder every
+    node mounts), else <FTFLOW_HOME>/train."""
+    if train.launcher == "ray" and train.ray.storage_path:
+        return Path(train.ray.storage_path).expanduser().resolve()
+    return state_dir() / "train"
 
 
 def run_training(
@@ -332,8 +420,18 @@ def _run_training_locked(
     train_dir.mkdir(parents=True, exist_ok=True)
     job_path = train_dir / "job.json"
     job_path.write_text(json.dumps(asdict(job), indent=2))
-    launch(job_path, train, train_dir / "logs" / time.strftime("%Y%m%d-%H%M%S"), on_line=on_line, on_start=on_start,
-           keep_fds=(lock_fd,))
+    if train.launcher == "torchrun" and train.nnodes > 1:
+        raise TrainingFailed(
+            "train.nnodes > 1 with train.launcher=torchrun is not supported: every node would run the whole flow, and "
+            "each would hold the gpu slot and this folder's lock while waiting for the others. Use train.launcher=ray "
+            "(README, \"Several nodes: Ray\"), where one flow run drives every node.", None, None, "",
+        )
+    run_launcher = launch_ray if train.launcher == "ray" else launch
+    run_launcher(job_path, train, train_dir / "logs" / time.strftime("%Y%m%d-%H%M%S"), on_line=on_line, on_start=on_start,
+                 keep_fds=(lock_fd,))
+    attempt = train_dir / "job-attempt.json"  # Ray: the last attempt's resume point (a restart moves it)
+    if train.launcher == "ray" and attempt.is_file():
+        resume = Job.load(attempt).resume_from
     if not is_complete_checkpoint(final):
         raise TrainingFailed(f"training exited cleanly but {final} has no {COMPLETE_MARKER}", None, 0, "")
     summary = json.loads((final / "train_summary.json").read_text())

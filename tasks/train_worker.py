@@ -326,8 +326,9 @@ def main(job_path: str) -> int:
         attn_implementation = register_packed_attention()
 
     ds_config = fill_deepspeed_config(job.deepspeed_config, t, world) if job.deepspeed_config else None
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and (ds_config or not dist.is_initialized()):
         # Before the model loads: ZeRO-3's zero.Init counts the world size from the process group.
+        # Under Ray Train the group exists already (Ray joined it); DeepSpeed then adopts it.
         if ds_config:
             import deepspeed
 
@@ -393,7 +394,9 @@ def main(job_path: str) -> int:
     # Final state: a ZeRO checkpoint for the consolidate stage (or a plain state dict without DeepSpeed).
     final = out / "final"
     if trainer.is_deepspeed_enabled:
-        trainer.model_wrapped.save_checkpoint(str(final), tag="final")
+        # LoRA / Q-LoRA: the adapter (and modules_to_save) only, as the Trainer's own PEFT checkpoints
+        # do; the frozen base is read from its own folder at export, never copied here.
+        trainer.model_wrapped.save_checkpoint(str(final), tag="final", exclude_frozen_parameters=t["mode"] in ("lora", "qlora"))
     elif rank() == 0:
         trainer.save_model(str(final))
     if rank() == 0 and t["mode"] in ("lora", "qlora"):

@@ -151,6 +151,15 @@ def test_lora_zero3_two_ranks_exports_complete_adapter_and_merged_model(setup, t
     s = train(setup, tmp_path, mode="lora", deepspeed="configs/deepspeed/zero3.json", nproc_per_node=2,
               lora={"r": 4, "alpha": 8, "dropout": 0.0, "merge": True})
     ref = reference(s["final_dir"])
+    # the final ZeRO checkpoint holds the adapter only, no copy of the frozen base (as the Trainer's
+    # own PEFT checkpoints): export reads the base from its folder
+    rank_files = sorted((Path(s["final_dir"]) / "final").glob("*model_states.pt"))
+    assert len(rank_files) == 2
+    for f in rank_files:
+        states = torch.load(f, map_location="cpu", weights_only=False)
+        assert not states["frozen_param_fragments"] and not states["frozen_param_shapes"], f
+        stored = {k: v.numel() for k, v in states["module"].items() if "lora_" not in k}
+        assert sum(stored.values()) == 0, stored  # at most ZeRO-3's empty placeholder of a tied head
     out = consolidate(s["final_dir"], model_dir, tmp_path / "export", mode="lora", merge=True)
 
     # merged full model at the root
