@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from datasets import load_from_disk
 from transformers import Qwen2ForCausalLM
 
-from tasks.collate import PackedCollator, PaddedCollator
+from tasks import collate
+from tasks.collate import PackedCollator, PaddedCollator, register_packed_attention
 from tasks.tokenize import tokenize_dataset
 
 PAD, EOS = 0, 2  # the embedded tokenizer's <|endoftext|> and <|im_end|>
@@ -46,7 +47,10 @@ def test_pad_equal_eos_is_refused():
 def test_packed_literal():
     c = PackedCollator()
     out = c([A, B])
-    assert set(out) == {"input_ids", "labels", "position_ids"}  # no attention_mask
+    assert set(out) == {"input_ids", "labels", "position_ids",  # no attention_mask
+                        "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    assert out["cu_seq_lens_q"].tolist() == [0, 4, 6] and out["cu_seq_lens_q"].dtype == torch.int32
+    assert out["max_length_q"] == out["max_length_k"] == 4 and type(out["max_length_q"]) is int
     assert out["input_ids"].tolist() == [[5, 6, 7, EOS, 8, 9]]
     assert out["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1]]
     assert out["labels"].tolist() == [[-100, -100, 7, EOS, -100, 9]]
@@ -153,3 +157,54 @@ def test_collators_count_what_the_loss_sees(features):
     # Each sample's closing eos is a target in both layouts.
     for batch in (padded(features), packed(features)):
         assert int((batch["labels"] == EOS).sum()) == sum(f["labels"].count(EOS) for f in features) > 0
+
+
+# ------------------------------------------------------------------------- boundaries in the batch
+
+
+@pytest.mark.parametrize("lengths", [[4, 2], [1], [7, 1, 1, 3, 12], [3] * 9])
+def test_packed_boundaries_equal_transformers(lengths):
+    """The collator's kwargs are what transformers derives from the position_ids
+    (`prepare_fa_kwargs_from_position_ids`, the flash path's fallback) and what its own
+    `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` returns: values, dtypes, types."""
+    from transformers import DataCollatorWithFlattening
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    feats = [{"input_ids": list(range(10, 10 + n)), "labels": list(range(10, 10 + n))} for n in lengths]
+    ours = PackedCollator()(feats)
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(ours["position_ids"])
+    assert torch.equal(ours["cu_seq_lens_q"], cu_q) and torch.equal(ours["cu_seq_lens_k"], cu_k)
+    assert ours["cu_seq_lens_q"].dtype == cu_q.dtype == torch.int32
+    assert ours["max_length_q"] == int(max_q) and ours["max_length_k"] == int(max_k)
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(feats)
+    for k in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
+        assert torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype, k
+    assert (ours["max_length_q"], ours["max_length_k"]) == (theirs["max_length_q"], theirs["max_length_k"])
+
+
+def test_packed_attention_uses_the_batch_boundaries_without_reading_positions(tiny_model_dir, features, monkeypatch):
+    """With the collator's kwargs the attention never looks at position_ids (no per-layer sync);
+    the boundaries are turned into Python ints once per batch, and the losses stay exact."""
+    m = model(tiny_model_dir, register_packed_attention())
+    single = one_by_one(m, features)
+
+    def no_position_scan(*a, **k):
+        raise AssertionError("attention read the boundaries from position_ids")
+
+    monkeypatch.setattr(collate, "_segments", no_position_scan)
+    conversions = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: conversions.append(t.shape) or real_tolist(t))
+    batch = PackedCollator()(features)
+    conversions.clear()
+    with torch.no_grad():
+        logits = m(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+    assert conversions.count(batch["cu_seq_lens_q"].shape) == 1  # once, not once per layer
+    labels, out, start = batch["labels"][0], [], 0
+    losses = token_losses(logits, labels)
+    for f in features:
+        n = len(f["input_ids"])
+        trained = labels[start + 1: start + n] != -100
+        out.append(losses[start:start + n - 1][trained].sum() / trained.sum())
+        start += n
+    torch.testing.assert_close(torch.stack(out), torch.stack(single), rtol=0, atol=1e-5)

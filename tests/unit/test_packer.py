@@ -1,0 +1,93 @@
+"""Token-budget packing (`train.tokens_per_batch`): properties over random length lists (hypothesis)
+and literal cases checked by hand."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tasks.collate import PackedCollator, TokenBudgetBins, balanced_bin_order, pack_by_tokens, split_to_multiple
+
+lengths_st = st.lists(st.integers(min_value=1, max_value=512), min_size=0, max_size=300)
+budget_st = st.integers(min_value=512, max_value=4096)
+
+
+def tokens(b, lengths):
+    return sum(lengths[i] for i in b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths_st, budget_st)
+def test_every_sample_once_never_over_budget(lengths, budget):
+    bins = pack_by_tokens(lengths, budget)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))  # each sample exactly once
+    assert all(b for b in bins)
+    assert all(tokens(b, lengths) <= budget for b in bins)  # samples <= budget, never split
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths_st, budget_st)
+def test_best_fit_decreasing_bounds(lengths, budget):
+    """No two bins could be merged (a best-fit packing never leaves two bins whose contents fit in
+    one), hence every bin but one is more than half full: bins < 2 x total / budget + 1."""
+    bins = pack_by_tokens(lengths, budget)
+    sizes = sorted(tokens(b, lengths) for b in bins)
+    if len(sizes) >= 2:
+        assert sizes[0] + sizes[1] > budget
+    assert len(bins) < 2 * sum(lengths) / budget + 1
+
+
+def test_best_fit_literal():
+    # By hand, longest first, budget 10: 7 opens bin0 (3 free); 5 does not fit there, opens bin1 (5 free);
+    # 4 fits only bin1 (1 free left); 3 fits bin0 exactly; 1 fits bin1 exactly.
+    assert pack_by_tokens([3, 7, 1, 5, 4], 10) == [[1, 0], [3, 4, 2]]
+    assert pack_by_tokens([12, 2], 10) == [[0], [1]]  # an oversize sample gets its own bin, unsplit
+    assert pack_by_tokens([], 10) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths_st, budget_st, st.integers(min_value=1, max_value=8), st.integers(0, 1000))
+def test_ranks_get_the_same_bin_count_and_balanced_steps(lengths, budget, world, seed):
+    bins = split_to_multiple(pack_by_tokens(lengths, budget), lengths, world)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    if len(lengths) >= world:
+        assert len(bins) % world == 0
+    order = balanced_bin_order(bins, lengths, world, seed)
+    assert sorted(map(tuple, order)) == sorted(map(tuple, bins))  # a permutation of the bins
+    # Steps are groups of `world` consecutive bins of neighbouring sizes: the spread inside a step is
+    # at most the spread between neighbours in the size order, so the sum of the spreads over all
+    # steps is at most the largest minus the smallest bin.
+    if order:
+        sizes = [tokens(b, lengths) for b in order]
+        spread = sum(max(sizes[a:a + world]) - min(sizes[a:a + world]) for a in range(0, len(sizes), world))
+        assert spread <= max(sizes) - min(sizes)
+
+
+def test_balanced_order_literal():
+    lengths = [10, 9, 5, 4, 1, 1]
+    bins = [[0], [1], [2], [3], [4], [5]]
+    order = balanced_bin_order(bins, lengths, world=2, seed=0)
+    steps = [sorted(order[a:a + 2]) for a in range(0, 6, 2)]
+    assert sorted(steps) == [[[0], [1]], [[2], [3]], [[4], [5]]]  # 10 with 9, 5 with 4, 1 with 1
+    assert balanced_bin_order(bins, lengths, 2, 0) == order  # deterministic per seed
+    assert {tuple(map(tuple, balanced_bin_order(bins, lengths, 2, s))) for s in range(20)} != {tuple(map(tuple, order))}
+
+
+def test_dataset_of_bins_feeds_the_packed_collator():
+    rows = [{"input_ids": list(range(n)), "labels": list(range(n)), "length": n} for n in (5, 3, 8, 2, 6, 1)]
+    ds = TokenBudgetBins(rows, budget=8, world=2, seed=1, lengths=[r["length"] for r in rows])
+    assert len(ds) % 2 == 0
+    seen = Counter()
+    c = PackedCollator()
+    for k in range(len(ds)):
+        batch = c([ds[k]])  # what a DataLoader with batch_size=1 hands the collator
+        n = batch["input_ids"].shape[1]
+        assert n <= 8
+        assert batch["cu_seq_lens_q"].tolist()[-1] == n
+        seen.update(len(f["input_ids"]) for f in ds[k])
+    assert seen == Counter([5, 3, 8, 2, 6, 1])
+    first = list(ds.order)
+    ds.set_epoch(1)
+    assert sorted(map(tuple, ds.order)) == sorted(map(tuple, first))
