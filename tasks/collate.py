@@ -259,7 +259,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     gqa = query.shape[1] != key.shape[1]
     cu = kwargs.get("cu_seq_lens_q")
     packed_row = query.shape[0] == 1 and cu is not None and cu.numel() > 2
-    if packed_row and query.is_cuda and _torch_varlen_attn is not None and dropout == 0.0:
+    if (packed_row and query.is_cuda and _torch_varlen_attn is not None and dropout == 0.0
+            and query.dtype in (torch.float16, torch.bfloat16)):  # the flash kernel's dtypes
         # One varlen flash call over the whole row: (T, H, D) in, (T, H, D) out, no host sync.
         out = _torch_varlen_attn(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),

@@ -208,3 +208,64 @@ def test_packed_attention_uses_the_batch_boundaries_without_reading_positions(ti
         out.append(losses[start:start + n - 1][trained].sum() / trained.sum())
         start += n
     torch.testing.assert_close(torch.stack(out), torch.stack(single), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------- attention dispatch per device
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend to be a machine: CUDA or not, which flash-attn packages, liger or not."""
+    from tasks import train_worker
+
+    def set_(cuda: bool, fa3: bool = False, fa2: bool = False, liger: bool = False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(train_worker, "flash_attention_available",
+                            lambda: {"flash_attention_3": fa3 and cuda, "flash_attention_2": fa2 and cuda})
+        monkeypatch.setattr("transformers.utils.is_liger_kernel_available", lambda: liger)
+        return train_worker
+
+    return set_
+
+
+@pytest.mark.parametrize("cuda,fa3,fa2,batching,precision,expected", [
+    (False, False, False, "packed", "fp32", ("ftflow_packed_sdpa", "per-sample causal sdpa")),
+    (False, False, False, "padded", "fp32", ("sdpa", "sdpa")),
+    (True, True, True, "packed", "bf16", ("flash_attention_3", "flash_attention_3 varlen")),
+    (True, False, True, "packed", "bf16", ("flash_attention_2", "flash_attention_2 varlen")),
+    (True, False, True, "padded", "bf16", ("flash_attention_2", "flash_attention_2")),
+    (True, False, False, "packed", "bf16", ("ftflow_packed_sdpa", "torch varlen_attn (flash)")),
+    (True, False, False, "padded", "bf16", ("sdpa", "sdpa")),
+    (True, False, True, "packed", "fp32", ("ftflow_packed_sdpa", "per-sample causal sdpa")),  # flash needs bf16/fp16
+])
+def test_auto_attention_per_device(machine, cuda, fa3, fa2, batching, precision, expected):
+    worker = machine(cuda, fa3, fa2)
+    assert worker.choose_attention("auto", batching, precision) == expected
+
+
+def test_explicit_flash_attention_fails_clearly_where_it_cannot_run(machine):
+    worker = machine(cuda=False)
+    with pytest.raises(RuntimeError, match=r"train.attn_implementation=flash_attention_2.*no CUDA device.*auto"):
+        worker.choose_attention("flash_attention_2", "packed")
+    worker = machine(cuda=True)
+    with pytest.raises(RuntimeError, match="flash-attn is not installed"):
+        worker.choose_attention("flash_attention_3", "packed")
+    assert worker.choose_attention("flex_attention", "packed") == ("flex_attention", "flex_attention")
+
+
+def test_optimizer_and_liger_per_device(machine):
+    worker = machine(cuda=False, liger=True)
+    assert worker.choose_optimizer() == "adamw_torch"
+    assert worker.choose_liger("auto", 3, 0) is None  # no CUDA: chunked loss is the CPU path
+    with pytest.raises(RuntimeError, match="train.liger=true.*no CUDA device"):
+        worker.choose_liger(True, 2, 0)
+    worker = machine(cuda=True, liger=False)
+    assert worker.choose_optimizer() == "adamw_torch_fused"
+    assert worker.choose_liger("auto", 2, 0) is None
+    with pytest.raises(RuntimeError, match="not installed"):
+        worker.choose_liger(True, 2, 0)
+    worker = machine(cuda=True, liger=True)
+    assert worker.choose_liger("auto", 2, 0)["fused_linear_cross_entropy"] is True
+    assert worker.choose_liger("auto", 3, 0)["fused_linear_cross_entropy"] is False  # reads a ZeRO-3 partition
+    assert worker.choose_liger("auto", None, 1024)["fused_linear_cross_entropy"] is False  # chunked loss instead
+    assert worker.choose_liger(False, 2, 0) is None

@@ -91,3 +91,16 @@ def test_dataset_of_bins_feeds_the_packed_collator():
     first = list(ds.order)
     ds.set_epoch(1)
     assert sorted(map(tuple, ds.order)) == sorted(map(tuple, first))
+
+
+def test_config_refuses_a_budget_that_would_split_samples():
+    import pytest
+
+    from ftflow.config import ConfigError, validate
+
+    base = {"data": {"train": ["x.jsonl"]}, "tokenize": {"max_length": 1024}}
+    assert validate({**base, "train": {"tokens_per_batch": 1024}}).train.tokens_per_batch == 1024
+    with pytest.raises(ConfigError, match=r"tokens_per_batch=512 is below tokenize.max_length=1024"):
+        validate({**base, "train": {"tokens_per_batch": 512}})
+    with pytest.raises(ConfigError, match=r"set train.batching=packed"):
+        validate({**base, "train": {"tokens_per_batch": 2048, "batching": "padded"}})
