@@ -536,6 +536,8 @@ def main(job_path: str) -> int:
             "precision": t["precision"],
             "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
             **recorded,
+            # this rank's peak of allocated GPU memory (rank 0; ZeRO gives every rank about the same)
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
             "log_history": trainer.state.log_history,
         }
         (final / "train_summary.json").write_text(json.dumps(summary, indent=2))
