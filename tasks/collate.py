@@ -234,6 +234,12 @@ def _host_boundaries(cu_seq_lens: torch.Tensor) -> list[int]:
     return cuts
 
 
+def _varlen_kernel_fits(query: torch.Tensor, dropout: float) -> bool:
+    """torch's varlen flash kernel: CUDA, bf16/fp16, no dropout (it has none)."""
+    return (_torch_varlen_attn is not None and query.is_cuda and dropout == 0.0
+            and query.dtype in (torch.float16, torch.bfloat16))
+
+
 def _segments(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
     """Start offsets of the samples of a packed row (position_ids restart at 0), or None if one sample.
     Only for callers that pass no `cu_seq_lens_q` (e.g. a test calling the model by hand): it reads
@@ -259,8 +265,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     gqa = query.shape[1] != key.shape[1]
     cu = kwargs.get("cu_seq_lens_q")
     packed_row = query.shape[0] == 1 and cu is not None and cu.numel() > 2
-    if (packed_row and query.is_cuda and _torch_varlen_attn is not None and dropout == 0.0
-            and query.dtype in (torch.float16, torch.bfloat16)):  # the flash kernel's dtypes
+    if packed_row and _varlen_kernel_fits(query, dropout):
         # One varlen flash call over the whole row: (T, H, D) in, (T, H, D) out, no host sync.
         out = _torch_varlen_attn(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),

@@ -269,3 +269,40 @@ def test_optimizer_and_liger_per_device(machine):
     assert worker.choose_liger("auto", 3, 0)["fused_linear_cross_entropy"] is False  # reads a ZeRO-3 partition
     assert worker.choose_liger("auto", None, 1024)["fused_linear_cross_entropy"] is False  # chunked loss instead
     assert worker.choose_liger(False, 2, 0) is None
+
+
+def test_varlen_branch_passes_the_kernel_the_right_layout(tiny_model_dir, features, monkeypatch):
+    """The CUDA branch (torch's varlen flash kernel) cannot run here, so a stand-in with the kernel's
+    documented contract takes its place: (T, H, D) q and (T, H_kv, D) k/v, cu_seq_q/k int32 (n + 1,),
+    max lengths as ints, window_size=(-1, 0) for causal, enable_gqa; returns (T, H, D). Computed by
+    per-sample sdpa from those arguments only, it must give the one-by-one losses through the
+    branch's transposes."""
+    calls = []
+
+    def varlen_standin(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert q.dim() == 3 and k.shape[1] < q.shape[1] and enable_gqa
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and isinstance(max_q, int)
+        assert window_size == (-1, 0) and max_q == int(cu_q.diff().max())
+        calls.append(len(cu_q) - 1)
+        cuts = cu_q.tolist()
+        outs = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                               is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+                for a, b in zip(cuts[:-1], cuts[1:])]
+        return torch.cat(outs)  # (T, H, D)
+
+    monkeypatch.setattr(collate, "_torch_varlen_attn", varlen_standin)
+    monkeypatch.setattr(collate, "_varlen_kernel_fits", lambda q, dropout: True)
+    m = model(tiny_model_dir, register_packed_attention())
+    single = one_by_one(m, features)
+    batch = PackedCollator()(features)
+    with torch.no_grad():
+        logits = m(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+    assert calls and set(calls) == {len(features)}  # every layer went through the varlen branch
+    labels, out, start = batch["labels"][0], [], 0
+    losses = token_losses(logits, labels)
+    for f in features:
+        n = len(f["input_ids"])
+        trained = labels[start + 1: start + n] != -100
+        out.append(losses[start:start + n - 1][trained].sum() / trained.sum())
+        start += n
+    torch.testing.assert_close(torch.stack(out), torch.stack(single), rtol=0, atol=1e-5)
