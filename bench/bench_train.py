@@ -510,7 +510,7 @@ def gpu_packed(steps: int = 30, tokens_per_step: int = 32768, max_len: int = 204
             feats.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
             total += n
         b = collator(feats)
-        return {k: v.cuda(non_blocking=True) for k, v in b.items()}, sum(len(f["input_ids"]) ** 2 for f in feats)
+        return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}, sum(len(f["input_ids"]) ** 2 for f in feats)
 
     batches = [batch() for _ in range(steps)]
     torch.cuda.reset_peak_memory_stats()
