@@ -104,3 +104,17 @@ def test_config_refuses_a_budget_that_would_split_samples():
         validate({**base, "train": {"tokens_per_batch": 512}})
     with pytest.raises(ConfigError, match=r"set train.batching=packed"):
         validate({**base, "train": {"tokens_per_batch": 2048, "batching": "padded"}})
+
+
+def test_accelerate_hands_rank_k_the_kth_bin_of_each_step():
+    """What `balanced_bin_order` relies on: with batch size 1 and sequential sampling (the worker's
+    settings for tokens_per_batch), accelerate's sharding gives rank k bins k, k + world, ..."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    order = list(range(12))
+    for world in (2, 3, 4):
+        for rank in range(world):
+            shard = BatchSamplerShard(BatchSampler(SequentialSampler(order), 1, False), num_processes=world,
+                                      process_index=rank)
+            assert [b[0] for b in shard] == order[rank::world]
