@@ -118,3 +118,17 @@ def test_accelerate_hands_rank_k_the_kth_bin_of_each_step():
             shard = BatchSamplerShard(BatchSampler(SequentialSampler(order), 1, False), num_processes=world,
                                       process_index=rank)
             assert [b[0] for b in shard] == order[rank::world]
+
+
+def test_deepspeed_counts_one_bin_per_micro_batch():
+    import json
+    from pathlib import Path
+
+    from ftflow.config import TrainConfig
+    from tasks.train_worker import fill_deepspeed_config, micro_batch_size
+
+    ds = json.loads((Path(__file__).resolve().parents[2] / "configs/deepspeed/zero3.json").read_text())
+    t = TrainConfig(micro_batch_size=4, grad_accum=3, tokens_per_batch=2048).model_dump()
+    filled = fill_deepspeed_config(ds, t, world=2)
+    assert micro_batch_size(t) == 1 and filled["train_micro_batch_size_per_gpu"] == 1
+    assert filled["train_batch_size"] == 1 * 3 * 2  # bins a step: the Trainer's batch size must match it
