@@ -177,6 +177,23 @@ class TrainConfig(_Section):
         "transformers does). Saves the (tokens x vocabulary) fp32 logits, 0.6 MB a token with Qwen's vocabulary, "
         "for a second forward of the head; same loss (tasks/loss.py, bench/RESULTS.md)."
     )
+    tokens_per_batch: int = Field(
+        0, ge=0, description="batching=packed: pack each rank's micro-batch to at most this many tokens (best-fit "
+        "decreasing, every sample once, never split; bins of similar size go to the ranks of one step) instead of "
+        "micro_batch_size samples. 0: micro_batch_size samples a pack. Must be >= tokenize.max_length."
+    )
+    attn_implementation: Literal[
+        "auto", "flash_attention_3", "flash_attention_2", "ftflow_packed_sdpa", "sdpa", "flex_attention", "eager"
+    ] = Field(
+        "auto", description="auto: on CUDA flash_attention_3/2 when installed (variable-length, boundaries from the "
+        "collator), else ftflow_packed_sdpa (torch's varlen flash kernel on CUDA, per-sample sdpa on CPU); "
+        "padded batches: flash when installed, else sdpa. The run records what it used."
+    )
+    liger: bool | Literal["auto"] = Field(
+        "auto", description="Liger kernels (RMSNorm, RoPE, SwiGLU; fused linear cross-entropy except under ZeRO-3 or "
+        "with loss_chunk_tokens): auto = on CUDA when liger-kernel is installed; true fails without them."
+    )
+    torch_compile: bool = Field(False, description="torch.compile the model (the Trainer's torch_compile).")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     logging_steps: int = Field(5, ge=1)
@@ -274,6 +291,13 @@ class PipelineConfig(_Section):
             problems.append(
                 f"train.quant.compute_dtype=float32 with train.precision={t.precision} mixes dtypes in every "
                 f"4-bit layer; set train.quant.compute_dtype={'bfloat16' if t.precision == 'bf16' else 'float16'}."
+            )
+        if t.tokens_per_batch and t.batching == "padded":
+            problems.append("train.tokens_per_batch packs samples into one row: set train.batching=packed (or auto), or tokens_per_batch=0.")
+        if t.tokens_per_batch and t.tokens_per_batch < self.tokenize.max_length:
+            problems.append(
+                f"train.tokens_per_batch={t.tokens_per_batch} is below tokenize.max_length={self.tokenize.max_length}: "
+                "a sample is never split, so raise tokens_per_batch to at least max_length."
             )
         if t.mode == "full" and (t.lora.merge or t.lora.use_dora or t.lora.modules_to_save):
             problems.append("train.lora.* settings apply to train.mode=lora or qlora only; set train.mode=lora or drop them.")

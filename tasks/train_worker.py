@@ -75,19 +75,101 @@ def _dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def micro_batch_size(t: dict[str, Any]) -> int:
+    """Items the data loader batches per rank: samples, or one bin of `tokens_per_batch` tokens."""
+    return 1 if t.get("tokens_per_batch") else t["micro_batch_size"]
+
+
 def fill_deepspeed_config(ds: dict[str, Any], t: dict[str, Any], world: int) -> dict[str, Any]:
     """Explicit batch sizes and precision: the Trainer's 'auto' mis-counts the world size on CPU.
 
-    global batch = micro batch x grad accumulation x ranks, e.g. 8 x 1 x 2 = 16 samples a step.
+    global batch = micro batch x grad accumulation x ranks, e.g. 8 x 1 x 2 = 16 samples a step
+    (with tokens_per_batch, a micro batch is one bin: 1 x grad accumulation x ranks bins a step).
     """
     ds = {k: v for k, v in ds.items() if not k.startswith("_")}
-    ds["train_micro_batch_size_per_gpu"] = t["micro_batch_size"]
+    ds["train_micro_batch_size_per_gpu"] = micro_batch_size(t)
     ds["gradient_accumulation_steps"] = t["grad_accum"]
-    ds["train_batch_size"] = t["micro_batch_size"] * t["grad_accum"] * world
+    ds["train_batch_size"] = micro_batch_size(t) * t["grad_accum"] * world
     ds["gradient_clipping"] = t["max_grad_norm"]
     ds["bf16"] = {"enabled": t["precision"] == "bf16"}
     ds["fp16"] = {"enabled": t["precision"] == "fp16"}
     return ds
+
+
+def flash_attention_available() -> dict[str, bool]:
+    """Which of transformers' variable-length flash attentions this machine can run (CUDA + package)."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    return {"flash_attention_3": is_flash_attn_3_available(), "flash_attention_2": is_flash_attn_2_available()}
+
+
+def choose_attention(requested: str, batching: str, precision: str = "bf16") -> tuple[str, str]:
+    """(attn_implementation for transformers, what actually computes attention), per device.
+
+    Packed rows carry their boundaries (`cu_seq_lens_q/k`, `max_length_q/k`) from the collator, so
+    every choice here runs without a per-layer host sync:
+    - CUDA: transformers' flash_attention_3, else flash_attention_2 (both variable-length over the
+      collator's boundaries); without flash-attn, ftflow's packed attention, which calls torch's own
+      variable-length flash kernel (`torch.nn.attention.varlen`) where torch has it;
+    - CPU: ftflow's per-sample causal sdpa (boundaries as Python ints, once per batch): measured the
+      fastest there (bench/RESULTS.md).
+    Padded batches: flash when installed on CUDA (it unpads by the attention mask), else sdpa.
+    Flash kernels take bf16/fp16 only: with precision fp32, auto never picks them.
+    An explicit choice is honoured; a flash one this machine cannot run fails here, naming the key.
+    """
+    from tasks.collate import _torch_varlen_attn, register_packed_attention
+
+    cuda = torch.cuda.is_available()
+    flash = flash_attention_available() if cuda else {}
+    half = precision in ("bf16", "fp16")
+    if requested in ("flash_attention_3", "flash_attention_2") and not flash.get(requested):
+        raise RuntimeError(
+            f"train.attn_implementation={requested}, but this machine cannot run it "
+            f"({'flash-attn is not installed' if cuda else 'no CUDA device'}); set train.attn_implementation=auto."
+        )
+    if requested == "auto":
+        best = next((name for name in ("flash_attention_3", "flash_attention_2") if flash.get(name) and half), None)
+        if best:
+            requested = best
+        else:
+            requested = "ftflow_packed_sdpa" if batching == "packed" else "sdpa"
+    if requested == "ftflow_packed_sdpa":
+        kernel = "torch varlen_attn (flash)" if cuda and half and _torch_varlen_attn is not None else "per-sample causal sdpa"
+        return register_packed_attention(), kernel
+    if requested.startswith("flash_attention"):
+        return requested, f"{requested} varlen" if batching == "packed" else requested
+    if batching == "packed" and requested in ("sdpa", "eager"):
+        log.warning("train.attn_implementation=%s on packed rows builds a dense (T, T) block mask: exact, but "
+                    "attention costs (sum of lengths)^2; auto avoids it", requested)
+    return requested, requested
+
+
+def choose_liger(requested: bool | str, zero_stage: int | None, loss_chunk_tokens: int) -> dict[str, bool] | None:
+    """Liger kernels' config for the Trainer (`liger_kernel_config`), or None for none.
+
+    auto: on CUDA when liger-kernel is installed. Its fused linear cross-entropy reads the head's
+    weight directly, which under ZeRO-3 is a partition (the gather hooks never run), so it is off
+    there, and off when `tasks.loss` chunks the loss already (the CPU counterpart of the same saving).
+    """
+    from transformers.utils import is_liger_kernel_available
+
+    cuda = torch.cuda.is_available()
+    usable = cuda and is_liger_kernel_available()
+    if requested is True and not usable:
+        raise RuntimeError(
+            "train.liger=true, but liger kernels need CUDA and the liger-kernel package "
+            f"({'not installed' if cuda else 'no CUDA device'}); set train.liger=auto or false."
+        )
+    if requested is False or not usable:
+        return None
+    return {"rope": True, "rms_norm": True, "swiglu": True,
+            "fused_linear_cross_entropy": zero_stage != 3 and not loss_chunk_tokens, "cross_entropy": False}
+
+
+def choose_optimizer() -> str:
+    """torch's fused AdamW on CUDA (one kernel for every tensor; ZeRO runs it on its fp32 partitions),
+    the plain loop on CPU, where the fused one is not faster."""
+    return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -166,7 +248,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def build_callbacks(job: Job, collator, trainable: int, total: int):
+def build_callbacks(job: Job, collator, trainable: int, total: int, recorded: dict[str, Any] | None = None):
     from transformers import TrainerCallback
 
     class CompletionMarker(TrainerCallback):
@@ -211,6 +293,11 @@ def build_callbacks(job: Job, collator, trainable: int, total: int):
             self.run_id = job.mlflow_run_id
             self.client.log_param(self.run_id, "trainable_parameters", trainable)
             self.client.log_param(self.run_id, "total_parameters", total)
+            for k, v in (recorded or {}).items():  # what the run used: attention, optimizer, kernels
+                try:
+                    self.client.log_param(self.run_id, k, v)
+                except Exception as err:  # tracking is not worth a training run
+                    log.warning("could not log %s to MLflow: %s", k, err)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs:
@@ -305,7 +392,7 @@ def main(job_path: str) -> int:
     from datasets import load_from_disk
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from tasks.collate import PackedCollator, PaddedCollator
+    from tasks.collate import PackedCollator, PaddedCollator, TokenBudgetBins
 
     job = Job.load(job_path)
     t = job.train
@@ -314,18 +401,17 @@ def main(job_path: str) -> int:
     world = world_size()
     on_gpu = torch.cuda.is_available()
 
-    # Padding-free packing with per-sample causal attention (`tasks.collate.packed_sdpa_attention`):
-    # no padding and no (T, T) block mask, attention cost ~ sum(len^2); exact, and the fastest
-    # batching measured on CPU (bench/RESULTS.md: 1.7x length-grouped padding). On a GPU the same
-    # function runs the fused (flash / memory-efficient) causal kernel on each sample's slice.
+    # Padding-free packing; each packed row carries its samples' boundaries from the collator, and the
+    # attention runs per sample over them: no padding, no (T, T) block mask, attention cost
+    # ~ sum(len^2), no host sync in any layer. Exact, and the fastest batching measured on CPU
+    # (bench/RESULTS.md: 1.7x length-grouped padding). Which kernel: `choose_attention`.
     batching = "packed" if t["batching"] == "auto" else t["batching"]
-    attn_implementation = "sdpa"
-    if batching == "packed":
-        from tasks.collate import register_packed_attention
-
-        attn_implementation = register_packed_attention()
+    attn_implementation, attention_kernel = choose_attention(t.get("attn_implementation", "auto"), batching, t["precision"])
 
     ds_config = fill_deepspeed_config(job.deepspeed_config, t, world) if job.deepspeed_config else None
+    zero_stage = (ds_config or {}).get("zero_optimization", {}).get("stage")
+    liger_config = choose_liger(t.get("liger", "auto"), zero_stage, t["loss_chunk_tokens"])
+    optimizer = choose_optimizer()
     if world > 1 and (ds_config or not dist.is_initialized()):
         # Before the model loads: ZeRO-3's zero.Init counts the world size from the process group.
         # Under Ray Train the group exists already (Ray joined it); DeepSpeed then adopts it.
@@ -337,7 +423,7 @@ def main(job_path: str) -> int:
             dist.init_process_group("nccl" if on_gpu else "gloo")
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=t["micro_batch_size"],
+        per_device_train_batch_size=micro_batch_size(t),
         gradient_accumulation_steps=t["grad_accum"],
         num_train_epochs=t["epochs"],
         max_steps=t["max_steps"],
@@ -347,7 +433,10 @@ def main(job_path: str) -> int:
         weight_decay=t["weight_decay"],
         adam_beta2=t["adam_beta2"],
         max_grad_norm=t["max_grad_norm"],
-        optim="adamw_torch",
+        optim=optimizer,
+        use_liger_kernel=liger_config is not None,
+        liger_kernel_config=liger_config,
+        torch_compile=bool(t.get("torch_compile")),
         bf16=t["precision"] == "bf16",
         fp16=t["precision"] == "fp16",
         activation_checkpointing=t["gradient_checkpointing"],  # transformers 5 name of gradient checkpointing
@@ -362,7 +451,9 @@ def main(job_path: str) -> int:
         data_seed=t["seed"],
         report_to="none",
         remove_unused_columns=False,
-        train_sampling_strategy="group_by_length" if batching == "padded" and t["group_by_length"] else "random",
+        # token-budget bins come in the order `TokenBudgetBins` gives them (balanced steps, shuffled per epoch)
+        train_sampling_strategy=("sequential" if t.get("tokens_per_batch") else
+                                 "group_by_length" if batching == "padded" and t["group_by_length"] else "random"),
         length_column_name="length",
         dataloader_num_workers=0,
         use_cpu=not on_gpu,
@@ -374,7 +465,16 @@ def main(job_path: str) -> int:
     log.info("parameters: %s trainable of %s (%s mode, %s batching, %d ranks)", f"{trainable:,}", f"{total:,}", t["mode"], batching, world)
 
     dataset = load_from_disk(job.dataset_path)
+    if t.get("tokens_per_batch"):
+        dataset = TokenBudgetBins(dataset, t["tokens_per_batch"], world, t["seed"])
+        log.info("packing: %d bins of <= %d tokens (%d ranks)", len(dataset), t["tokens_per_batch"], world)
     collator = PackedCollator() if batching == "packed" else PaddedCollator(pad_token_id=job.pad_token_id)
+    recorded = {
+        "attn_implementation": attn_implementation, "attention_kernel": attention_kernel, "optimizer": optimizer,
+        "liger": ",".join(k for k, v in liger_config.items() if v) if liger_config else "off",
+        "torch_compile": bool(t.get("torch_compile")), "tokens_per_batch": t.get("tokens_per_batch", 0),
+    }
+    log.info("kernels: %s", recorded)
     trainer_class, loss_kwargs = Trainer, {}
     if t["loss_chunk_tokens"]:
         trainer_class, loss_kwargs = chunked_loss_trainer(model, t["loss_chunk_tokens"])
@@ -384,7 +484,7 @@ def main(job_path: str) -> int:
         args=args,
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=build_callbacks(job, collator, trainable, total),
+        callbacks=build_callbacks(job, collator, trainable, total, recorded),
         **loss_kwargs,
     )
     if job.resume_from:
@@ -438,6 +538,9 @@ def main(job_path: str) -> int:
             "mode": t["mode"],
             "precision": t["precision"],
             "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+            **recorded,
+            # this rank's peak of allocated GPU memory (rank 0; ZeRO gives every rank about the same)
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
             "log_history": trainer.state.log_history,
         }
         (final / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from datasets import load_from_disk
 from transformers import Qwen2ForCausalLM
 
-from tasks.collate import PackedCollator, PaddedCollator
+from tasks import collate
+from tasks.collate import PackedCollator, PaddedCollator, register_packed_attention
 from tasks.tokenize import tokenize_dataset
 
 PAD, EOS = 0, 2  # the embedded tokenizer's <|endoftext|> and <|im_end|>
@@ -46,7 +47,10 @@ def test_pad_equal_eos_is_refused():
 def test_packed_literal():
     c = PackedCollator()
     out = c([A, B])
-    assert set(out) == {"input_ids", "labels", "position_ids"}  # no attention_mask
+    assert set(out) == {"input_ids", "labels", "position_ids",  # no attention_mask
+                        "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    assert out["cu_seq_lens_q"].tolist() == [0, 4, 6] and out["cu_seq_lens_q"].dtype == torch.int32
+    assert out["max_length_q"] == out["max_length_k"] == 4 and type(out["max_length_q"]) is int
     assert out["input_ids"].tolist() == [[5, 6, 7, EOS, 8, 9]]
     assert out["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1]]
     assert out["labels"].tolist() == [[-100, -100, 7, EOS, -100, 9]]
@@ -153,3 +157,152 @@ def test_collators_count_what_the_loss_sees(features):
     # Each sample's closing eos is a target in both layouts.
     for batch in (padded(features), packed(features)):
         assert int((batch["labels"] == EOS).sum()) == sum(f["labels"].count(EOS) for f in features) > 0
+
+
+# ------------------------------------------------------------------------- boundaries in the batch
+
+
+@pytest.mark.parametrize("lengths", [[4, 2], [1], [7, 1, 1, 3, 12], [3] * 9])
+def test_packed_boundaries_equal_transformers(lengths):
+    """The collator's kwargs are what transformers derives from the position_ids
+    (`prepare_fa_kwargs_from_position_ids`, the flash path's fallback) and what its own
+    `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` returns: values, dtypes, types."""
+    from transformers import DataCollatorWithFlattening
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    feats = [{"input_ids": list(range(10, 10 + n)), "labels": list(range(10, 10 + n))} for n in lengths]
+    ours = PackedCollator()(feats)
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(ours["position_ids"])
+    assert torch.equal(ours["cu_seq_lens_q"], cu_q) and torch.equal(ours["cu_seq_lens_k"], cu_k)
+    assert ours["cu_seq_lens_q"].dtype == cu_q.dtype == torch.int32
+    assert ours["max_length_q"] == int(max_q) and ours["max_length_k"] == int(max_k)
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(feats)
+    for k in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
+        assert torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype, k
+    assert (ours["max_length_q"], ours["max_length_k"]) == (theirs["max_length_q"], theirs["max_length_k"])
+
+
+def test_packed_attention_uses_the_batch_boundaries_without_reading_positions(tiny_model_dir, features, monkeypatch):
+    """With the collator's kwargs the attention never looks at position_ids (no per-layer sync);
+    the boundaries are turned into Python ints once per batch, and the losses stay exact."""
+    m = model(tiny_model_dir, register_packed_attention())
+    single = one_by_one(m, features)
+
+    def no_position_scan(*a, **k):
+        raise AssertionError("attention read the boundaries from position_ids")
+
+    monkeypatch.setattr(collate, "_segments", no_position_scan)
+    conversions = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: conversions.append(t.shape) or real_tolist(t))
+    batch = PackedCollator()(features)
+    conversions.clear()
+    with torch.no_grad():
+        logits = m(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+    assert conversions.count(batch["cu_seq_lens_q"].shape) == 1  # once, not once per layer
+    labels, out, start = batch["labels"][0], [], 0
+    losses = token_losses(logits, labels)
+    for f in features:
+        n = len(f["input_ids"])
+        trained = labels[start + 1: start + n] != -100
+        out.append(losses[start:start + n - 1][trained].sum() / trained.sum())
+        start += n
+    torch.testing.assert_close(torch.stack(out), torch.stack(single), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------- attention dispatch per device
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend to be a machine: CUDA or not, which flash-attn packages, liger or not."""
+    from tasks import train_worker
+
+    def set_(cuda: bool, fa3: bool = False, fa2: bool = False, liger: bool = False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(train_worker, "flash_attention_available",
+                            lambda: {"flash_attention_3": fa3 and cuda, "flash_attention_2": fa2 and cuda})
+        monkeypatch.setattr("transformers.utils.is_liger_kernel_available", lambda: liger)
+        return train_worker
+
+    return set_
+
+
+@pytest.mark.parametrize("cuda,fa3,fa2,batching,precision,expected", [
+    (False, False, False, "packed", "fp32", ("ftflow_packed_sdpa", "per-sample causal sdpa")),
+    (False, False, False, "padded", "fp32", ("sdpa", "sdpa")),
+    (True, True, True, "packed", "bf16", ("flash_attention_3", "flash_attention_3 varlen")),
+    (True, False, True, "packed", "bf16", ("flash_attention_2", "flash_attention_2 varlen")),
+    (True, False, True, "padded", "bf16", ("flash_attention_2", "flash_attention_2")),
+    (True, False, False, "packed", "bf16", ("ftflow_packed_sdpa", "torch varlen_attn (flash)")),
+    (True, False, False, "padded", "bf16", ("sdpa", "sdpa")),
+    (True, False, True, "packed", "fp32", ("ftflow_packed_sdpa", "per-sample causal sdpa")),  # flash needs bf16/fp16
+])
+def test_auto_attention_per_device(machine, cuda, fa3, fa2, batching, precision, expected):
+    worker = machine(cuda, fa3, fa2)
+    assert worker.choose_attention("auto", batching, precision) == expected
+
+
+def test_explicit_flash_attention_fails_clearly_where_it_cannot_run(machine):
+    worker = machine(cuda=False)
+    with pytest.raises(RuntimeError, match=r"train.attn_implementation=flash_attention_2.*no CUDA device.*auto"):
+        worker.choose_attention("flash_attention_2", "packed")
+    worker = machine(cuda=True)
+    with pytest.raises(RuntimeError, match="flash-attn is not installed"):
+        worker.choose_attention("flash_attention_3", "packed")
+    assert worker.choose_attention("flex_attention", "packed") == ("flex_attention", "flex_attention")
+
+
+def test_optimizer_and_liger_per_device(machine):
+    worker = machine(cuda=False, liger=True)
+    assert worker.choose_optimizer() == "adamw_torch"
+    assert worker.choose_liger("auto", 3, 0) is None  # no CUDA: chunked loss is the CPU path
+    with pytest.raises(RuntimeError, match="train.liger=true.*no CUDA device"):
+        worker.choose_liger(True, 2, 0)
+    worker = machine(cuda=True, liger=False)
+    assert worker.choose_optimizer() == "adamw_torch_fused"
+    assert worker.choose_liger("auto", 2, 0) is None
+    with pytest.raises(RuntimeError, match="not installed"):
+        worker.choose_liger(True, 2, 0)
+    worker = machine(cuda=True, liger=True)
+    assert worker.choose_liger("auto", 2, 0)["fused_linear_cross_entropy"] is True
+    assert worker.choose_liger("auto", 3, 0)["fused_linear_cross_entropy"] is False  # reads a ZeRO-3 partition
+    assert worker.choose_liger("auto", None, 1024)["fused_linear_cross_entropy"] is False  # chunked loss instead
+    assert worker.choose_liger(False, 2, 0) is None
+
+
+def test_varlen_branch_passes_the_kernel_the_right_layout(tiny_model_dir, features, monkeypatch):
+    """The CUDA branch (torch's varlen flash kernel) cannot run here, so a stand-in with the kernel's
+    documented contract takes its place: (T, H, D) q and (T, H_kv, D) k/v, cu_seq_q/k int32 (n + 1,),
+    max lengths as ints, window_size=(-1, 0) for causal, enable_gqa; returns (T, H, D). Computed by
+    per-sample sdpa from those arguments only, it must give the one-by-one losses through the
+    branch's transposes."""
+    calls = []
+
+    def varlen_standin(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert q.dim() == 3 and k.shape[1] < q.shape[1] and enable_gqa
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and isinstance(max_q, int)
+        assert window_size == (-1, 0) and max_q == int(cu_q.diff().max())
+        calls.append(len(cu_q) - 1)
+        cuts = cu_q.tolist()
+        outs = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                               is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+                for a, b in zip(cuts[:-1], cuts[1:])]
+        return torch.cat(outs)  # (T, H, D)
+
+    monkeypatch.setattr(collate, "_torch_varlen_attn", varlen_standin)
+    monkeypatch.setattr(collate, "_varlen_kernel_fits", lambda q, dropout: True)
+    m = model(tiny_model_dir, register_packed_attention())
+    single = one_by_one(m, features)
+    batch = PackedCollator()(features)
+    with torch.no_grad():
+        logits = m(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+    assert calls and set(calls) == {len(features)}  # every layer went through the varlen branch
+    labels, out, start = batch["labels"][0], [], 0
+    losses = token_losses(logits, labels)
+    for f in features:
+        n = len(f["input_ids"])
+        trained = labels[start + 1: start + n] != -100
+        out.append(losses[start:start + n - 1][trained].sum() / trained.sum())
+        start += n
+    torch.testing.assert_close(torch.stack(out), torch.stack(single), rtol=0, atol=1e-5)

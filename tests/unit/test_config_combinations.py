@@ -30,7 +30,7 @@ def test_every_pipeline_config_validates_and_documents_its_command(path):
 def test_real_model_configs_say_what_they_need():
     expected = {
         "qwen2.5-0.5b-full-zero3.yaml": ("Qwen/Qwen2.5-0.5B-Instruct", "full", 3),
-        "qwen2.5-7b-lora-zero3.yaml": ("Qwen/Qwen2.5-7B-Instruct", "lora", 3),
+        "qwen2.5-7b-lora-zero2.yaml": ("Qwen/Qwen2.5-7B-Instruct", "lora", 2),
         "qwen2.5-7b-qlora-zero2.yaml": ("Qwen/Qwen2.5-7B-Instruct", "qlora", 2),
     }
     for name, (model, mode, stage) in expected.items():
@@ -38,7 +38,9 @@ def test_real_model_configs_say_what_they_need():
         cfg = load_config(path)
         assert (cfg.model.name_or_path, cfg.train.mode) == (model, mode)
         assert json.loads((REPO / cfg.train.deepspeed).read_text())["zero_optimization"]["stage"] == stage
-        assert cfg.train.precision == "bf16" and cfg.train.gradient_checkpointing
+        assert cfg.train.precision == "bf16"
+        # gradient checkpointing only where memory needs it, and the header says why either way
+        assert "gradient checkpointing" in path.read_text().split("\nname:")[0].lower()
         assert cfg.model.trust_remote_code is False
         text = path.read_text()
         assert "GPUs:" in text and "GB" in text, f"{name}: header must give the GPUs and memory it expects"

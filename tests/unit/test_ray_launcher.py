@@ -91,11 +91,11 @@ def test_ray_config_valid():
 
 
 def test_documented_ray_command_validates():
-    """The overrides README and configs/qwen2.5-7b-lora-zero3.yaml give for two nodes x 8 GPUs."""
+    """The overrides README and configs/qwen2.5-7b-lora-zero2.yaml give for two nodes x 8 GPUs."""
     from ftflow.config import load_config
     from ftflow.utils import PROJECT_ROOT
 
-    path = PROJECT_ROOT / "configs/qwen2.5-7b-lora-zero3.yaml"
+    path = PROJECT_ROOT / "configs/qwen2.5-7b-lora-zero2.yaml"
     overrides = ["train.launcher=ray", "train.ray.num_workers=16", "train.ray.resources_per_worker={GPU: 1, CPU: 8}",
                  "train.ray.storage_path=/shared/ftflow-train"]
     assert " ".join(f"--set {o}" if " " not in o else f"--set '{o}'" for o in overrides) in " ".join(
