@@ -31,6 +31,14 @@ def configure_environment() -> dict[str, str]:
         "PREFECT_LOGGING_EXTRA_LOGGERS": "ftflow,tasks",
         # The ephemeral server's 20 s default start-up limit is too short on a busy 2-core machine.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        # One retry layer: ftflow's call_with_retry (FTFLOW_MLFLOW_RETRY_SECONDS). MLflow's own HTTP
+        # retries (7 by default, with backoff) would multiply with it, so they are off.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        # MLflow's HTTP pool holds 10 connections by default; the flow's threads (GenAI evaluation,
+        # async logging) use more, and urllib3 then warns "Connection pool is full" per request.
+        "MLFLOW_HTTP_POOL_MAXSIZE": "32",
+        # Log files are plain text: no ANSI colour codes from Prefect's console handler.
+        "PREFECT_LOGGING_COLORS": "false",
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)

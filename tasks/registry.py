@@ -30,6 +30,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -87,22 +88,50 @@ def _is_transient(err: BaseException) -> bool:
     return isinstance(err, (ConnectionError, TimeoutError))
 
 
-def call_with_retry(fn: Callable[..., T], *args: Any, tries: int = 4, base_delay: float = 0.5, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)`, retried with exponential backoff (0.5 s, 1 s, 2 s + jitter) on transient errors.
+# The one retry layer for MLflow calls. MLflow's own HTTP retries are off (infra.local sets
+# MLFLOW_HTTP_REQUEST_MAX_RETRIES=0) and no Prefect task retries an MLflow call, so attempts never
+# multiply: one call waits at most FTFLOW_MLFLOW_RETRY_SECONDS in total between its attempts.
+RETRY_BUDGET_ENV = "FTFLOW_MLFLOW_RETRY_SECONDS"
+DEFAULT_RETRY_BUDGET_S = 30.0
+MAX_RETRY_DELAY_S = 8.0
 
-    Use only for calls that are safe to repeat (reads, tags, aliases).
+
+def retry_budget_s() -> float:
+    """Total seconds one MLflow call may spend waiting between attempts (FTFLOW_MLFLOW_RETRY_SECONDS, default 30; 0 = no retry)."""
+    raw = os.environ.get(RETRY_BUDGET_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw.strip() else DEFAULT_RETRY_BUDGET_S
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds; using %g", RETRY_BUDGET_ENV, raw, DEFAULT_RETRY_BUDGET_S)
+        return DEFAULT_RETRY_BUDGET_S
+
+
+def call_with_retry(fn: Callable[..., T], *args: Any, budget_s: float | None = None, base_delay: float = 0.5,
+                    **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, retried on transient errors with exponential backoff (0.5 s, 1 s, 2 s, ... at most
+    8 s, + jitter) while the total wait stays within `budget_s` (default: `retry_budget_s()`).
+
+    The one rule for every MLflow call of the flow process. Use only for calls that are safe to repeat.
     """
-    for attempt in range(1, tries + 1):
+    budget = retry_budget_s() if budget_s is None else budget_s
+    waited, attempt = 0.0, 0
+    while True:
+        attempt += 1
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            if attempt == tries or not _is_transient(err):
+            delay = min(MAX_RETRY_DELAY_S, base_delay * 2 ** (attempt - 1)) * (1 + 0.25 * random.random())
+            if not _is_transient(err) or waited + delay > budget:
                 raise
-            delay = base_delay * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
-            log.warning("MLflow call %s failed (%s); retry %d/%d in %.1fs",
-                        getattr(fn, "__name__", fn), err, attempt, tries - 1, delay)
+            log.warning("MLflow call %s failed (%s); retry %d in %.1fs (%.0f of %.0f s retry budget left)",
+                        getattr(fn, "__name__", fn), _one_line(err), attempt, delay, budget - waited, budget)
             time.sleep(delay)
-    raise AssertionError("unreachable")
+            waited += delay
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 def _client():

@@ -1,8 +1,8 @@
-"""The Prefect task layer: each stage's plain logic wrapped with logging, retries and artifacts.
+"""The Prefect task layer: each stage's plain logic wrapped with logging and artifacts.
 
 Nothing here holds pipeline logic of its own; it calls the stage modules with plain values,
 forwards their logs to the Prefect run log, writes the artifacts a person reads in the UI, and
-retries only what is transient (MLflow calls), never the training launch.
+leaves retries to the one MLflow retry layer (`tasks.registry.call_with_retry`), never the training launch.
 
 Orchestration extras, all here:
 - convert and tokenize are Prefect-cached on *content* (input bytes, settings, stage code), so a
@@ -29,26 +29,15 @@ from typing import Any, Iterator
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.tasks import exponential_backoff
 
 from ftflow.config import PipelineConfig, resolve_data_path
 from ftflow.utils import PROJECT_ROOT, sha256_file, sha256_json, sha256_tree, state_dir
 
 GPU_LIMIT = "gpu"  # the global concurrency limit `make up` creates; FTFLOW_GPU_SLOTS sizes it
 
-TRANSIENT = (ConnectionError, TimeoutError, OSError)
-
-
-def _transient(task, task_run, state) -> bool:
-    """Retry MLflow/HTTP failures (connection refused, timeouts, 5xx), not programming errors."""
-    try:
-        state.result()
-    except TRANSIENT:
-        return True
-    except Exception as err:  # mlflow wraps HTTP errors in MlflowException
-        text = str(err).lower()
-        return any(s in text for s in ("connection", "timed out", "temporarily", "502", "503", "504", "max retries"))
-    return False
+# Retries: MLflow calls are retried inside the stage logic by `tasks.registry.call_with_retry`, the
+# one retry layer (bounded by FTFLOW_MLFLOW_RETRY_SECONDS). No task here has Prefect retries, so
+# attempts never multiply; a training launch is never retried (the next run resumes instead).
 
 
 @dataclass
@@ -165,7 +154,7 @@ def convert_data(cfg: PipelineConfig, out_dir: Path) -> DataOut:
     return DataOut(str(res.train_path), str(res.eval_path), str(res.rejects_path), res.report)
 
 
-@task(name="record-data", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+@task(name="record-data", retries=0)
 def record_data(cfg: PipelineConfig, data: DataOut, cached: bool, parent_run_id: str) -> None:
     """The data report in MLflow (parent run) and as a Prefect artifact, cached or not."""
     from tasks.lineage import log_dict, set_tags
@@ -201,7 +190,7 @@ def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_) -> TokensO
     return TokensOut(res.key, str(res.path), res.hit, res.stats, res.template_text, reference)
 
 
-@task(name="record-tokens", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+@task(name="record-tokens", retries=0)
 def record_tokens(tokens: TokensOut, cached: bool, parent_run_id: str) -> TokensOut:
     """Token statistics in MLflow and as a Prefect artifact. A Prefect cache hit counts as a cache hit."""
     from tasks.lineage import length_histogram_png, log_dict, log_png, set_tags
@@ -364,7 +353,7 @@ def consolidate(cfg: PipelineConfig, trained: dict[str, Any], base: BaseModel_, 
     return str(out)
 
 
-@task(name="register", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+@task(name="register", retries=0)
 def register(cfg: PipelineConfig, model_dir: str, fingerprint: str, parent_run_id: str, tags: dict[str, str]):
     from tasks.registry import register_model
     from tasks.train import exclusive
@@ -405,7 +394,7 @@ def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, e
     return {"metrics": res.metrics, "run_id": child, "model_ref": model_ref}
 
 
-@task(name="promote", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+@task(name="promote", retries=0)
 def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: dict[str, Any], champion_label: str) -> dict[str, Any]:
     from tasks.registry import apply_promotion, decide_promotion, promotion_markdown, record_eval
 

@@ -123,6 +123,33 @@ def test_retry_only_transient():
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("budget, expected_calls", [("0", 1), ("2", 3), ("10", 5), ("30", 7)])
+def test_retry_total_wait_is_bounded_by_the_budget(monkeypatch, budget, expected_calls):
+    """FTFLOW_MLFLOW_RETRY_SECONDS bounds the total wait of one call: delays 0.5, 1, 2, 4, 8, 8, ... (+ up to
+    25% jitter) are taken while their sum fits. With jitter at its maximum, budget 2 s allows 0.625 + 1.25
+    (3 calls), 10 s allows 0.625 + 1.25 + 2.5 + 5 (5 calls), 30 s adds 10 + 10 (7 calls)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from tasks import registry
+
+    slept: list[float] = []
+    monkeypatch.setattr(registry.time, "sleep", slept.append)
+    monkeypatch.setattr(registry.random, "random", lambda: 1.0)  # the largest jitter
+    monkeypatch.setenv("FTFLOW_MLFLOW_RETRY_SECONDS", budget)
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise MlflowException("connection refused", error_code=TEMPORARILY_UNAVAILABLE)
+
+    with pytest.raises(MlflowException):
+        call_with_retry(down)
+    assert len(calls) == expected_calls
+    assert sum(slept) <= float(budget)
+    assert max(slept, default=0) <= 10.0  # 8 s cap + 25% jitter
+
+
 # --------------------------------------------------------------------------- promotion
 
 
