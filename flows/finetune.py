@@ -34,7 +34,7 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
     logger = get_run_logger()
     run_id = flow_run.get_id() or "local"
     run_name = flow_run.get_name() or "local"
-    out_dir = state_dir() / "runs" / config.name / str(run_id)
+    out_dir = run_output_dir(config.name, run_id)
     experiment_id = stages.open_experiment(config)
     parent = start_parent_run(
         experiment_id,
@@ -102,6 +102,11 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
         "outputs": str(out_dir),
         "model_dir": model_dir,
     }
+
+
+def run_output_dir(name: str, flow_run_id: Any) -> Path:
+    """Where a flow run's outputs and its log (`ftflow-run.log`) go: <FTFLOW_HOME>/runs/<name>/<flow-run-id>."""
+    return state_dir() / "runs" / name / str(flow_run_id)
 
 
 def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:

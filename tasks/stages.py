@@ -295,7 +295,10 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
     child = start_child_run(experiment_id, parent_run_id, "train", tags={"ftflow.train_key": key})
     import os
 
-    rank0 = logging.getLogger("ftflow.rank0")
+    # Rank 0's lines arrive on the launcher's reader thread, outside the task's run context: the
+    # adapter carries the run ids, so Prefect's API handler files them under this task run (without
+    # them it warns "attempted to send logs to the API without a flow run id" for every line).
+    rank0 = logging.LoggerAdapter(logging.getLogger("ftflow.rank0"), dict(getattr(logger, "extra", None) or {}))
     try:
         summary = run_training(
             train=cfg.train,
