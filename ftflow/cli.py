@@ -195,7 +195,10 @@ def _print_summary(s: dict) -> None:
     _out(f"  {'metric':<14}{s['compared_with']:>22}{'fine-tuned':>14}")
     for m in metrics:
         _out(f"  {m:<14}{cp.get(m, float('nan')):>22.4f}{ch.get(m, float('nan')):>14.4f}")
-    _out(f"  promotion        : {'PROMOTED to @champion' if s['promoted'] else 'not promoted'} — {s['decision']}")
+    from tasks.stages import promotion_verdict  # the same words as the run log and the artifact
+
+    verdict = promotion_verdict({"promote": s["promoted"], "already_champion": s.get("already_champion")})
+    _out(f"  promotion        : {verdict} — {s['decision']}")
     _out(f"  MLflow           : {s['mlflow_tracking_uri']} (run {s['mlflow_run_id']}; `mlflow ui --backend-store-uri {s['mlflow_tracking_uri']}`)")
     _out(f"  Prefect          : flow run {s['prefect_flow_run_id']} ({s['prefect_api_url']})")
     _out(f"  outputs          : {s['outputs']}")

@@ -5,8 +5,10 @@ state a deployment reads:
 - `challenger`: the newest registered version, set by `register_model`;
 - `champion`: the version that serves, set only by `apply_promotion` / `promote_version` / `rollback_champion`.
 
-Everything a decision was based on is written as version tags, so the registry itself is the audit
-log (`ftflow.promotion.*`, `ftflow.rollback.*`, `ftflow.eval.*`). Rollback follows the
+What people filter by is written as version tags, so the registry itself is the audit log
+(`ftflow.promotion.{promote,reason,who,why,previous_champion}`, `ftflow.rollback.*`, `ftflow.eval.*`);
+the scorecard a decision was based on (metrics against the compared model, data, base model) is the
+version's description, a Markdown table (`version_scorecard`). Rollback follows the
 `ftflow.promotion.previous_champion` tag that every promotion leaves on the version it promoted.
 
 What a version holds depends on the export (tag `ftflow.export`, also in the logged model's metadata):
@@ -505,18 +507,18 @@ def apply_promotion(model_name: str, version: str, decision: dict[str, Any], *, 
     client = _client()
     version = str(version)
     previous = current_champion(model_name)
+    if previous == version:  # nothing to decide: the record of when it became champion stays as it was
+        log.info("%s: version %s is already the champion; nothing moved", model_name, version)
+        return
+    # Tags are what people filter by (promoted or not, who, why); the scores and the comparison are
+    # in the version's description (`version_scorecard`).
     tags = {
         "promote": str(bool(decision["promote"])).lower(),
         "reason": str(decision.get("reason", "")),
-        "metric": str(decision.get("metric", "")),
-        "challenger_score": _fmt(decision.get("challenger_score")),
-        "champion_score": _fmt(decision.get("champion_score")),
-        "delta": _fmt(decision.get("delta")),
         "who": who,
         "why": why,
-        "at": _now(),
     }
-    moving = bool(decision["promote"]) and previous != version
+    moving = bool(decision["promote"])
     if moving:
         tags["previous_champion"] = previous or ""
     for k, v in tags.items():
@@ -659,7 +661,10 @@ def promotion_markdown(decision: dict[str, Any], challenger_metrics: dict[str, f
     `compared_with` names what the challenger was scored against ("champion v3", "base model").
     """
     champion_metrics = champion_metrics or {}
-    verdict = "promoted to **champion**" if decision["promote"] else "**not promoted**"
+    if decision.get("already_champion"):
+        verdict = "already **champion** (nothing moved)"
+    else:
+        verdict = "promoted to **champion**" if decision["promote"] else "**not promoted**"
     lines = [
         f"## {model_name} version {version}: {verdict}",
         "",
@@ -670,6 +675,35 @@ def promotion_markdown(decision: dict[str, Any], challenger_metrics: dict[str, f
         *_scores_table(challenger_metrics, champion_metrics, "challenger", compared_with, decision.get("metric")),
     ]
     return "\n".join(lines) + "\n"
+
+
+def version_scorecard(model_name: str, version: str, decision: dict[str, Any], challenger_metrics: dict[str, float],
+                      champion_metrics: dict[str, float] | None, *, compared_with: str, base_model: str,
+                      data: dict[str, Any] | None = None, at: str | None = None) -> str:
+    """The registry description of a version: its scorecard as Markdown (metrics against the model it was
+    compared with, the decision, the data and the base model). Shown on the version's page in the MLflow UI."""
+    if decision.get("already_champion"):
+        verdict = "already **@champion**, nothing moved"
+    else:
+        verdict = "promoted to **@champion**" if decision["promote"] else "**not promoted**"
+    data = data or {}
+    rows = [("decision", f"{verdict}: {decision.get('reason', '')}"),
+            ("decision metric", f"`{decision.get('metric', '')}`"),
+            ("compared with", compared_with),
+            ("base model", f"`{base_model}`")]
+    rows += [(k, f"`{v}`" if isinstance(v, str) else str(v)) for k, v in data.items()]
+    rows.append(("scored at", at or _now()))
+    no_n = {k: v for k, v in challenger_metrics.items() if k != "n"}
+    old = {k: v for k, v in (champion_metrics or {}).items() if k != "n"}
+    lines = [f"### {model_name} version {version}: {verdict}", "",
+             *_scores_table(no_n, old, f"version {version}", compared_with, decision.get("metric")), "",
+             "| | |", "|---|---|", *(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def describe_version(model_name: str, version: str, markdown: str) -> None:
+    """Set a version's description (its scorecard) in the registry."""
+    call_with_retry(_client().update_model_version, model_name, str(version), description=markdown)
 
 
 def _scores_table(new: dict[str, float], old: dict[str, float], new_label: str, old_label: str,

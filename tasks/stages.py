@@ -398,8 +398,14 @@ def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, e
 
 
 @task(name="promote", retries=0)
-def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: dict[str, Any], champion_label: str) -> dict[str, Any]:
-    from tasks.registry import apply_promotion, decide_promotion, promotion_markdown, record_eval
+def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: dict[str, Any], champion_label: str,
+            already_champion: bool = False, data_report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Decide and apply; the decision's words are the same in the log, the artifact, the registry and the summary.
+
+    `already_champion`: the version is @champion already (an unchanged config run again); it was scored
+    against `champion_label` for reference only, and nothing moves."""
+    from tasks.registry import (apply_promotion, decide_promotion, describe_version, promotion_markdown, record_eval,
+                                version_scorecard)
 
     logger = get_run_logger()
     p = cfg.promote
@@ -408,15 +414,38 @@ def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: 
         challenger["metrics"], champion["metrics"], metric=p.metric, min_improvement=p.min_improvement, no_regress=p.no_regress
     )
     decision["compared_with"] = champion_label
-    apply_promotion(version.name, version.version, decision, who="ftflow finetune flow", why=decision["reason"])
+    if already_champion:
+        decision.update(
+            promote=False, already_champion=True,
+            reason=f"version {version.version} is already @champion; nothing moved (compared with the {champion_label} "
+                   f"for reference: {decision['reason']})",
+        )
+    else:
+        apply_promotion(version.name, version.version, decision, who="ftflow finetune flow", why=decision["reason"])
+    r = data_report or {}
+    data = {k: v for k, v in {
+        "train data": ", ".join(cfg.data.train), "eval data": ", ".join(cfg.data.eval) or "split from train",
+        "train / eval rows": f"{r['train_rows']} / {r['eval_rows']}" if "train_rows" in r else None,
+        "train data sha256": (r.get("sha256") or {}).get("train"),
+    }.items() if v}
+    describe_version(version.name, version.version, version_scorecard(
+        version.name, version.version, decision, challenger["metrics"], champion["metrics"],
+        compared_with=champion_label, base_model=cfg.model.name_or_path, data=data))
     create_markdown_artifact(
         key="promotion-decision",
         markdown=promotion_markdown(decision, challenger["metrics"], champion["metrics"], version.name, version.version,
                                     compared_with=champion_label),
         description="Promotion decision",
     )
-    logger.info("promotion: %s — %s", "PROMOTED to champion" if decision["promote"] else "not promoted", decision["reason"])
+    logger.info("promotion: %s — %s", promotion_verdict(decision), decision["reason"])
     return decision
+
+
+def promotion_verdict(decision: dict[str, Any]) -> str:
+    """The one word a person reads for a decision: in the log, the summary and the artifact alike."""
+    if decision.get("already_champion"):
+        return "ALREADY @champion (nothing moved)"
+    return "PROMOTED to @champion" if decision["promote"] else "not promoted"
 
 
 def json_default(o: Any) -> Any:
