@@ -43,7 +43,39 @@ def configure_environment() -> dict[str, str]:
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
+    _drop_known_noise()
     return {k: os.environ[k] for k in defaults}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# Two warnings every run printed that tell the user nothing they can act on; each dropped by its
+# exact logger and message (every other warning of those loggers stays):
+# - bitsandbytes, on import (peft imports it), on CPUs with AVX512-BF16: its optional CPU 4-bit kernel
+#   is fetched from the Hugging Face Hub by the `kernels` package. ftflow never runs code fetched from
+#   the hub; bitsandbytes then uses its own kernel.
+# - transformers, when MLflow's llm/v1/chat wrapper validates the input example at registration:
+#   MLflow hard-codes `decode(..., clean_up_tokenization_spaces=True)` (mlflow/transformers/
+#   llm_inference_utils.py), which transformers already ignores for BPE tokenizers such as Qwen's;
+#   ftflow's own tokenizers are saved with clean_up_tokenization_spaces=false.
+_KNOWN_NOISE = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "transformers.tokenization_utils_tokenizers": "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer",
+}
+
+
+def _drop_known_noise() -> None:
+    for name, prefix in _KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
 
 
 def artifact_root() -> Path:

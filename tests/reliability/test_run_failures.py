@@ -266,3 +266,47 @@ def test_debug_shows_the_traceback(tmp_path):
                          text=True, timeout=600, cwd=REPO, env={**os.environ, "FTFLOW_HOME": str(tmp_path / "home")})
     assert out.returncode == 2
     assert "Traceback" in out.stderr and "above data.max_reject_fraction" in out.stderr
+
+
+# --------------------------------------------------------------------------- noise that is ours to fix
+
+
+def test_known_noise_is_dropped_by_logger_and_message_only():
+    from infra.local import configure_environment
+
+    configure_environment()
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(f"{record.name}: {record.getMessage()}")
+
+    keep = Keep()
+    names = ("bitsandbytes.backends.cpu.ops", "transformers.tokenization_utils_tokenizers")
+    for name in names:
+        logging.getLogger(name).addHandler(keep)
+    try:
+        logging.getLogger(names[0]).warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please "
+                                            "make sure you already `pip install kernels`", "No module named 'kernels'")
+        logging.getLogger(names[1]).warning("Ignoring clean_up_tokenization_spaces=True for BPE tokenizer Qwen2Tokenizer.")
+        logging.getLogger(names[0]).warning("a real bitsandbytes problem")
+        logging.getLogger(names[1]).warning("a real tokenizer problem")
+    finally:
+        for name in names:
+            logging.getLogger(name).removeHandler(keep)
+    assert seen == [f"{names[0]}: a real bitsandbytes problem", f"{names[1]}: a real tokenizer problem"]
+
+
+def test_environment_has_one_retry_layer_and_no_colours(monkeypatch):
+    from infra.local import configure_environment
+
+    for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_POOL_MAXSIZE", "PREFECT_LOGGING_COLORS"):
+        monkeypatch.delenv(k, raising=False)
+    env = configure_environment()
+    assert env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"  # ftflow's call_with_retry is the one layer
+    assert int(env["MLFLOW_HTTP_POOL_MAXSIZE"]) > 10
+    assert env["PREFECT_LOGGING_COLORS"] == "false"
+    from tasks import stages
+
+    retried = [t.name for t in vars(stages).values() if hasattr(t, "retries") and getattr(t, "retries", 0)]
+    assert retried == []  # no Prefect task retries on top of it
