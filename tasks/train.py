@@ -293,7 +293,7 @@ def launch(
         kill_group(proc)
         code = code if code is not None else proc.returncode
         rank_tail = _rank_log_tail(log_dir, rank)
-        error = _rank_error_of(log_dir, rank) or rank_error(output)
+        error = _rank_error_of(log_dir, rank)  # the rank's own log: torchrun's output has torchrun's traceback
         raise TrainingFailed(
             f"training failed: rank {rank if rank is not None else '?'} exited with code {code}"
             + (f" ({describe_exit(code)})" if code is not None and code < 0 else "") + ". "
