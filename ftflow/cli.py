@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -66,6 +67,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         try:
             state = finetune(cfg, return_state=True)
+        except KeyboardInterrupt as err:  # Ctrl-C: the ranks are stopped by the flow's own clean-up
+            run_log.record_failure(err, "ftflow run interrupted")
+            sys.stderr.write(f"error: interrupted; the next run resumes from the latest complete checkpoint "
+                             f"(full log: {run_log.path})\n")
+            return 130
         except Exception as err:  # the flow could not even start (Prefect's server, ...)
             run_log.record_failure(err, "ftflow run could not start the flow")
             return _report_run_failure(err, run_log, None, debug)
@@ -108,8 +114,8 @@ def _report_run_failure(err: BaseException, run_log, stage: str | None, debug: b
     return code
 
 
-_DISK_FULL = {28, 27, 122}  # ENOSPC, EFBIG, EDQUOT
-_NOT_WRITABLE = {13, 1, 30}  # EACCES, EPERM, EROFS
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _chain(err: BaseException):
