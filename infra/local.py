@@ -3,7 +3,11 @@
 Defaults, all under the one project-local state folder (`ftflow.utils.state_dir()`):
 - MLflow: SQLite store `mlflow.db` and artifacts in `mlartifacts/`, unless `MLFLOW_TRACKING_URI` is set;
 - Prefect: its ephemeral local mode with `PREFECT_HOME` in `prefect/`, unless `PREFECT_API_URL` is set;
-- no telemetry, nothing fetched from the Hugging Face Hub for local model folders.
+- no telemetry, nothing fetched from the Hugging Face Hub for local model folders;
+- one retry layer for MLflow calls (its own HTTP retries off), plain-text logs, two known warnings dropped.
+
+`RunLog` is the full log of one `ftflow run` (a plain-text file in the run's output folder) and the
+quiet console that goes with it: no tracebacks on the terminal unless --debug.
 """
 
 from __future__ import annotations
