@@ -422,15 +422,17 @@ def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: 
         )
     else:
         apply_promotion(version.name, version.version, decision, who="ftflow finetune flow", why=decision["reason"])
-    r = data_report or {}
-    data = {k: v for k, v in {
-        "train data": ", ".join(cfg.data.train), "eval data": ", ".join(cfg.data.eval) or "split from train",
-        "train / eval rows": f"{r['train_rows']} / {r['eval_rows']}" if "train_rows" in r else None,
-        "train data sha256": (r.get("sha256") or {}).get("train"),
-    }.items() if v}
-    describe_version(version.name, version.version, version_scorecard(
-        version.name, version.version, decision, challenger["metrics"], champion["metrics"],
-        compared_with=champion_label, base_model=cfg.model.name_or_path, data=data))
+        r = data_report or {}
+        data = {k: v for k, v in {
+            "train data": ", ".join(cfg.data.train), "eval data": ", ".join(cfg.data.eval) or "split from train",
+            "train / eval rows": f"{r['train_rows']} / {r['eval_rows']}" if "train_rows" in r else None,
+            "train data sha256": (r.get("sha256") or {}).get("train"),
+        }.items() if v}
+        # the registry page of the version: the scorecard of this decision (an already-champion
+        # version keeps the scorecard of the decision that made it champion)
+        describe_version(version.name, version.version, version_scorecard(
+            version.name, version.version, decision, challenger["metrics"], champion["metrics"],
+            compared_with=champion_label, base_model=cfg.model.name_or_path, data=data))
     create_markdown_artifact(
         key="promotion-decision",
         markdown=promotion_markdown(decision, challenger["metrics"], champion["metrics"], version.name, version.version,
