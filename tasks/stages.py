@@ -18,11 +18,13 @@ Orchestration extras, all here:
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import os
+import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -376,6 +378,23 @@ def register(cfg: PipelineConfig, model_dir: str, fingerprint: str, parent_run_i
     return rv
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@contextmanager
+def _stdout_to_log(logger) -> Iterator[None]:
+    """What a library prints to stdout inside the block goes to `logger`, one line, colour codes removed
+    (MLflow's GenAI evaluation prints its notice with ANSI colours, which ended up in log files)."""
+    buf = io.StringIO()
+    try:
+        with redirect_stdout(buf):
+            yield
+    finally:
+        text = " ".join(ln.strip() for ln in _ANSI.sub("", buf.getvalue()).splitlines() if ln.strip())
+        if text:
+            logger.info("%s", text)
+
+
 @task(name="evaluate", retries=0)
 def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     from tasks.evaluate import evaluate_model, log_eval_to_mlflow, log_genai_evaluation
@@ -389,7 +408,8 @@ def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, e
     )
     log_eval_to_mlflow(res, child, label)
     if cfg.eval.mlflow_genai:
-        log_genai_evaluation(res, child)  # per-example traces with assessments, in the child run
+        with _stdout_to_log(logger):  # MLflow prints a colour-coded notice to stdout: into the log, as plain text
+            log_genai_evaluation(res, child)  # per-example traces with assessments, in the child run
     log_eval_to_mlflow(res, parent_run_id, label)
     end_run(child)
     shown = {k: round(v, 4) for k, v in res.metrics.items() if isinstance(v, float)}

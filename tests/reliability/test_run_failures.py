@@ -310,3 +310,22 @@ def test_environment_has_one_retry_layer_and_no_colours(monkeypatch):
 
     retried = [t.name for t in vars(stages).values() if hasattr(t, "retries") and getattr(t, "retries", 0)]
     assert retried == []  # no Prefect task retries on top of it
+
+
+def test_library_stdout_reaches_the_log_without_colour_codes(capsys):
+    """MLflow's GenAI evaluation prints a notice with ANSI colours to stdout; the evaluate stage logs it as plain text."""
+    from tasks.stages import _stdout_to_log
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("tests.stdout_to_log")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    with _stdout_to_log(logger):
+        sys.stdout.write("\n✨ Evaluation completed.\n\n  Run ID: \x1b[94mabc123\x1b[0m\n open the \x1b[93m\x1b[1mTraces\x1b[0m tab\n")
+    assert records == ["✨ Evaluation completed. Run ID: abc123 open the Traces tab"]
+    assert capsys.readouterr().out == ""
