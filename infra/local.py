@@ -23,7 +23,7 @@ def configure_environment() -> dict[str, str]:
     """Set the environment defaults above (never overriding what the user set). Returns them."""
     home = state_dir()
     defaults = {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": default_tracking_uri(home),
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false" if not os.environ.get("PREFECT_API_URL") else "true",
@@ -80,6 +80,16 @@ def _drop_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) for f in logger.filters):
             logger.addFilter(_DropMessage(prefix))
+
+
+def default_tracking_uri(home: Path) -> str:
+    """The MLflow store of a run when MLFLOW_TRACKING_URI is not set: SQLite in the state folder."""
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def tracking_uri(home: Path) -> str:
+    """The MLflow store a run will use, without changing the environment."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(home)
 
 
 def artifact_root() -> Path:

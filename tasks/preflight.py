@@ -251,8 +251,8 @@ def check(cfg: PipelineConfig, *, environment: bool = True) -> None:
         home = _home_problems()
         problems += home
         if not home:
-            from infra.local import configure_environment
+            from infra.local import tracking_uri
 
-            problems += _mlflow_problems(configure_environment()["MLFLOW_TRACKING_URI"]) + _disk_problems(cfg)
+            problems += _mlflow_problems(tracking_uri(_home().resolve())) + _disk_problems(cfg)
     if problems:
         raise PreflightError("the run cannot start:\n" + "\n".join(f"  - {p}" for p in problems))

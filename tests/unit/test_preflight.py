@@ -116,6 +116,9 @@ def test_good_setup_passes(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     check(_config(tmp_path))
     assert not [p for p in (tmp_path / "home").iterdir() if p.name.startswith(".tmp-preflight")]  # probe removed
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # checking changes no setting a later step reads
 
 
 def test_silent_server_fails_in_seconds(silent_server):
