@@ -224,12 +224,42 @@ def _case_disk_full(tmp_path):
     return _write_config(tmp_path, _rows(3000, width=40)), {}, [str(child)]
 
 
+CHILD_RANK_FAILS = """
+    import sys
+    import tasks.train as tt
+    rank = sys.argv.pop(1)                                  # a rank that warns, then raises
+
+    def fake_torchrun(job, train, log_dir):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                f"--log-dir={log_dir}", "--tee=3", "--local-ranks-filter=0", rank]
+
+    tt.torchrun_command = fake_torchrun
+    from ftflow.cli import main
+    sys.exit(main(sys.argv[1:]))
+"""
+FAILING_RANK = """
+    import sys, warnings
+    def step(n):
+        raise ValueError(f"loss is nan at step {n}")
+    warnings.warn("this DataLoader will create 4 worker processes", UserWarning)
+    step(3)
+"""
+
+
+def _case_rank_fails(tmp_path):
+    child, rank = tmp_path / "child.py", tmp_path / "rank.py"
+    child.write_text(textwrap.dedent(CHILD_RANK_FAILS))
+    rank.write_text(textwrap.dedent(FAILING_RANK))
+    return _write_config(tmp_path, _rows(20)), {}, [str(child), str(rank)]
+
+
 RUNS = [
     # case, setup, exit code, message fragment, fails in the flow (a log file is written)
     ("unsupported data file type", _case_unsupported, 2, "unsupported file type", False),
     ("unreachable MLflow server", _case_mlflow_unreachable, 2, "is unreachable (Connection refused)", False),
     ("rejects over the limit", _case_rejects, 2, "above data.max_reject_fraction", True),
     ("disk full while converting", _case_disk_full, 1, "disk full: could not write", True),
+    ("a rank raises", _case_rank_fails, 1, "training failed: rank 0 exited with code 1", True),
 ]
 
 
@@ -255,6 +285,10 @@ def test_ftflow_run_failure(tmp_path, case, setup, code, fragment, in_flow):
         assert "Traceback" in log.read_text() and "\x1b[" not in log.read_text()
         assert f"(exit code {code})" in out.stderr
         assert len(out.stderr.splitlines()) < 40, out.stderr  # not ~200 lines before the message
+    if case == "a rank raises":  # its error, not the warning it printed first
+        message = out.stderr[out.stderr.index("error: training failed"):]
+        assert "ValueError: loss is nan at step 3" in message and "UserWarning" not in message, message
+        assert "in stage 'train'" in message
     else:
         assert not (home / "runs").exists()  # refused before Prefect or MLflow started
         assert took < 60, took  # seconds, not the minutes of stacked retries
