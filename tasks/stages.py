@@ -285,6 +285,19 @@ def _rank0_line(line: str) -> str:
     return line.rsplit("[default0]:", 1)[-1].strip()
 
 
+# An exception line of rank 0 ("ValueError: ..."), not a source line that mentions one, and not
+# torchrun's own ChildFailedError (the command's error message names the failed rank instead).
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b:")
+
+
+def _shown_rank0_line(line: str) -> bool:
+    """Rank 0's lines the run log shows: ftflow's own training log lines and the exception it raises."""
+    if "ftflow.train" in line:
+        return True
+    text = _rank0_line(line)
+    return bool(_EXCEPTION_LINE.match(text)) and "ChildFailedError" not in text
+
+
 @task(name="train", retries=0)
 def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """Launch the ranks. Never retried: a failure resumes from the last checkpoint on the next run."""
@@ -313,7 +326,7 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
             mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
             mlflow_run_id=child,
             reference_inputs=tokens.reference_inputs,
-            on_line=lambda line: rank0.info(_rank0_line(line)) if "ftflow.train" in line or "Error" in line else None,
+            on_line=lambda line: rank0.info(_rank0_line(line)) if _shown_rank0_line(line) else None,
         )
     except Exception:
         end_run(child, "FAILED")

@@ -363,3 +363,21 @@ def test_library_stdout_reaches_the_log_without_colour_codes(capsys):
         sys.stdout.write("\n✨ Evaluation completed.\n\n  Run ID: \x1b[94mabc123\x1b[0m\n open the \x1b[93m\x1b[1mTraces\x1b[0m tab\n")
     assert records == ["✨ Evaluation completed. Run ID: abc123 open the Traces tab"]
     assert capsys.readouterr().out == ""
+
+
+RANK0_LINES = [
+    ("[default0]:2026-12-04 10:00:00 [rank0] INFO ftflow.train: step 1/6 {'loss': 1.2}", True),
+    ("[default0]:ValueError: loss is nan at step 3", True),
+    ("[default0]:torch.OutOfMemoryError: CUDA out of memory", True),
+    ('[default0]:    raise ValueError(f"loss is nan at step {n}")', False),  # a source line, not the error
+    ("    raise ChildFailedError(", False),
+    ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", False),  # torchrun's own
+    ("[default0]:/x/data.py:3: UserWarning: this DataLoader will create 4 workers", False),
+]
+
+
+@pytest.mark.parametrize("line, shown", RANK0_LINES)
+def test_rank0_lines_in_the_run_log(line, shown):
+    from tasks.stages import _shown_rank0_line
+
+    assert _shown_rank0_line(line) is shown
