@@ -157,7 +157,7 @@ def describe_failure(err: BaseException) -> tuple[str, list[str], int]:
         headline = (f"training failed: rank {err.rank if err.rank is not None else '?'} exited with code {code}"
                     + (f" ({describe_exit(code)})" if code is not None and code < 0 else ""))
         if code is None:  # not a rank's exit: a timeout, or a training that ended without its marker
-            headline = f"training failed: {first_line(err)}"
+            headline = f"training failed: {first_line(err).split(' Logs: ')[0].removeprefix('training failed: ')}"
         logs = re.search(r"Full logs: (\S+)|Logs: (\S+)", str(err))
         details = [ln for ln in (err.error or "").splitlines() if ln.strip()][-8:]
         if logs:

@@ -67,6 +67,9 @@ FAILURES = [
     ("a rank was killed", lambda: TrainingFailed("training failed: rank 0 exited with code -9 (...). Full logs: /t/logs\n",
                                                  0, -9, "", ""),
      1, "rank 0 exited with code -9 (signal 9 (SIGKILL", "rank logs: /t/logs"),
+    ("training timed out", lambda: TrainingFailed("training exceeded train.timeout_minutes=10.0; every rank was stopped. "
+                                                  "Logs: /t/logs", None, None, ""),
+     1, "training failed: training exceeded train.timeout_minutes=10.0; every rank was stopped.", "rank logs: /t/logs"),
 ]
 
 
@@ -74,7 +77,7 @@ FAILURES = [
 def test_failure_words(case, make, code, headline, detail):
     got_headline, details, got_code = describe_failure(make())
     assert got_code == code
-    assert headline in got_headline
+    assert headline in got_headline and "Logs:" not in got_headline  # the logs get their own line
     if detail:
         assert any(detail in d for d in details), details
     assert not any("Traceback" in d for d in [got_headline, *details])
