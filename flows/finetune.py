@@ -34,7 +34,7 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
     logger = get_run_logger()
     run_id = flow_run.get_id() or "local"
     run_name = flow_run.get_name() or "local"
-    out_dir = state_dir() / "runs" / config.name / str(run_id)
+    out_dir = run_output_dir(config.name, run_id)
     experiment_id = stages.open_experiment(config)
     parent = start_parent_run(
         experiment_id,
@@ -66,7 +66,6 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
                 "ftflow.data_sha256": data.report["sha256"]["train"],
                 "ftflow.tokenized_cache_key": tokens.key,
                 "ftflow.base_model": config.model.name_or_path,
-                "ftflow.train_key": trained["train_key"],
             },
         )
         champion_version = current_champion(config.registry.model_name)
@@ -76,7 +75,8 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
             champion_ref, champion_label = base.path, "base model"
         challenger = stages.evaluate(config, version.model_uri, data.eval_path, "challenger", experiment_id, parent)
         champion = stages.evaluate(config, champion_ref, data.eval_path, "champion", experiment_id, parent)
-        decision = stages.promote(config, version, challenger, champion, champion_label)
+        decision = stages.promote(config, version, challenger, champion, champion_label,
+                                  already_champion=champion_version == version.version, data_report=data.report)
     except BaseException:
         end_run(parent, "FAILED")
         raise
@@ -91,6 +91,7 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
             "champion": _rounded(champion["metrics"]),
         },
         "promoted": decision["promote"],
+        "already_champion": bool(decision.get("already_champion")),
         "decision": decision["reason"],
         "tokenized_cache_hit": tokens.hit,
         "training": {k: trained.get(k) for k in ("global_step", "train_loss", "train_runtime_s", "world_size", "deepspeed_stage", "reused", "resumed_from")},
@@ -102,6 +103,11 @@ def finetune(config: PipelineConfig) -> dict[str, Any]:
         "outputs": str(out_dir),
         "model_dir": model_dir,
     }
+
+
+def run_output_dir(name: str, flow_run_id: Any) -> Path:
+    """Where a flow run's outputs and its log (`ftflow-run.log`) go: <FTFLOW_HOME>/runs/<name>/<flow-run-id>."""
+    return state_dir() / "runs" / name / str(flow_run_id)
 
 
 def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:

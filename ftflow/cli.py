@@ -17,6 +17,7 @@ failed or was refused; `--debug` (anywhere on the command line) shows the Python
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -105,21 +106,141 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(_config_path(args.config), args.set)  # validated before anything heavy starts
     from tasks.preflight import check
 
-    check(cfg)
+    check(cfg)  # data, model, FTFLOW_HOME, MLflow store/server, disk: before Prefect or MLflow start
     if cfg.model.hub_token is not None:  # handed to from_pretrained (and every rank) via the environment only
         import os
 
         os.environ.setdefault("HF_TOKEN", cfg.model.hub_token.get_secret_value())
-    from flows.finetune import finetune
+    from flows.finetune import finetune, run_output_dir
+    from ftflow.utils import state_dir
+    from infra.local import RunLog
 
+    debug = bool(getattr(args, "debug", False))
+    run_log = RunLog(state_dir() / "runs" / cfg.name, debug=debug)
     t0 = time.perf_counter()
-    summary = finetune(cfg)
+    try:
+        try:
+            state = finetune(cfg, return_state=True)
+        except KeyboardInterrupt as err:  # Ctrl-C: the ranks are stopped by the flow's own clean-up
+            run_log.record_failure(err, "ftflow run interrupted")
+            sys.stderr.write(f"error: interrupted; the next run resumes from the latest complete checkpoint "
+                             f"(full log: {run_log.path})\n")
+            return 130
+        except Exception as err:  # the flow could not even start (Prefect's server, ...)
+            run_log.record_failure(err, "ftflow run could not start the flow")
+            return _report_run_failure(err, run_log, None, debug)
+        flow_run_id = state.state_details.flow_run_id
+        if flow_run_id is not None:
+            run_log.move_to(run_output_dir(cfg.name, flow_run_id))
+        if not state.is_completed():
+            err = state.result(raise_on_failure=False)
+            if not isinstance(err, BaseException):
+                err = RuntimeError(state.message or f"the flow run ended {state.name}")
+            run_log.record_failure(err, "ftflow run failed")
+            return _report_run_failure(err, run_log, run_log.failed_stage, debug)
+        summary = state.result()
+    finally:
+        run_log.close()
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    summary["log"] = str(run_log.path)
     if args.summary_json:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary)
     return 0
+
+
+def _report_run_failure(err: BaseException, run_log, stage: str | None, debug: bool) -> int:
+    """One message for a failed `ftflow run`: what failed and what to do, where the log is, the exit code."""
+    headline, details, code = describe_failure(err)
+    if debug:
+        import traceback
+
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    lines = [f"error: {headline}", *(f"  {d}" for d in details)]
+    if run_log.write_error is not None:
+        lines.append(f"  full log: {run_log.path} (incomplete: {run_log.write_error})")
+    else:
+        lines.append(f"  full log (every traceback): {run_log.path}")
+    where = f"in stage '{stage}' " if stage else ""
+    lines.append(f"ftflow run failed {where}(exit code {code})" + ("" if debug else "; --debug shows the tracebacks here"))
+    sys.stderr.write("\n".join(lines) + "\n")
+    return code
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def describe_failure(err: BaseException) -> tuple[str, list[str], int]:
+    """(headline, detail lines, exit code) for an error that ended a command, in a person's words.
+
+    Exit codes: 2 bad input (data, config), 1 anything else that failed. The exception's own message
+    is used where it already names the file or key; tracebacks are for the log file and --debug."""
+    from tasks.train import TrainingFailed
+
+    def first_line(e: BaseException) -> str:
+        text = str(e).strip().splitlines()
+        return (text[0] if text else type(e).__name__)[:500]
+
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            # a write() error carries no file name: then the error that wrapped it names the path
+            what = f"could not write {e.filename} ({e.strerror or e})" if e.filename else first_line(err)
+            return (f"disk full: {what}",
+                    ["free space on that disk (or set FTFLOW_HOME to a larger one) and run the same command "
+                     "again; what was written and registered before is untouched"], 1)
+        if isinstance(e, OSError) and e.errno in _NOT_WRITABLE and e.filename:
+            return (f"could not write {e.filename} ({e.strerror or e})",
+                    ["make it writable (or set FTFLOW_HOME / MLFLOW_TRACKING_URI to a place you can write), "
+                     "then run the same command again"], 1)
+    if isinstance(err, TrainingFailed):
+        import re
+
+        from tasks.train import describe_exit
+
+        code = err.exit_code
+        headline = (f"training failed: rank {err.rank if err.rank is not None else '?'} exited with code {code}"
+                    + (f" ({describe_exit(code)})" if code is not None and code < 0 else ""))
+        if code is None:  # not a rank's exit: a timeout, or a training that ended without its marker
+            headline = f"training failed: {first_line(err).split(' Logs: ')[0].removeprefix('training failed: ')}"
+        logs = re.search(r"Full logs: (\S+)|Logs: (\S+)", str(err))
+        details = [ln for ln in (err.error or "").splitlines() if ln.strip()][-8:]
+        if logs:
+            details.append(f"rank logs: {(logs.group(1) or logs.group(2)).rstrip('.')}")
+        details.append("fix the cause, then run the same command again: training resumes from the latest "
+                       "complete checkpoint")
+        return headline, details, 1
+    try:
+        from tasks.convert import DataError
+    except ImportError:  # pragma: no cover
+        DataError = ()  # noqa: N806
+    if isinstance(err, DataError):
+        return (first_line(err), [ln for ln in str(err).splitlines()[1:6]], 2)
+    if _is_mlflow_error(err):
+        import os
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        return (f"MLflow ({uri}) failed: {first_line(err)}",
+                ["check that the tracking server is up (`python -m infra.stack status`) or the store writable; "
+                 "nothing is half-registered: run the same command again once it is back"], 1)
+    return (f"{type(err).__name__}: {first_line(err)}", [], 1)
+
+
+def _is_mlflow_error(err: BaseException) -> bool:
+    for e in _chain(err):
+        mod = type(e).__module__ or ""
+        if mod.startswith(("mlflow", "requests", "urllib3")):
+            return True
+    return False
 
 
 def _print_summary(s: dict) -> None:
@@ -134,7 +255,10 @@ def _print_summary(s: dict) -> None:
     _out(f"  {'metric':<14}{s['compared_with']:>22}{'fine-tuned':>14}")
     for m in metrics:
         _out(f"  {m:<14}{cp.get(m, float('nan')):>22.4f}{ch.get(m, float('nan')):>14.4f}")
-    _out(f"  promotion        : {'PROMOTED to @champion' if s['promoted'] else 'not promoted'} — {s['decision']}")
+    from tasks.stages import promotion_verdict  # the same words as the run log and the artifact
+
+    verdict = promotion_verdict({"promote": s["promoted"], "already_champion": s.get("already_champion")})
+    _out(f"  promotion        : {verdict} — {s['decision']}")
     _out(f"  MLflow           : {s['mlflow_tracking_uri']} (run {s['mlflow_run_id']}; `mlflow ui --backend-store-uri {s['mlflow_tracking_uri']}`)")
     _out(f"  Prefect          : flow run {s['prefect_flow_run_id']} ({s['prefect_api_url']})")
     _out(f"  outputs          : {s['outputs']}")
@@ -317,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[common], help="run the whole pipeline (Prefect flow 'finetune') on a config")
     with_config(r)
     r.add_argument("--summary-json", metavar="PATH", help="also write the run summary as JSON")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show full tracebacks on the terminal (they are always in the run's log file)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("convert", parents=[common],

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ftflow.utils import PROJECT_ROOT
+from tasks.registry import call_with_retry  # the one MLflow retry layer (create_run is not retried: not idempotent)
 
 log = logging.getLogger("ftflow.lineage")
 
@@ -124,7 +125,7 @@ def start_parent_run(experiment_id: str, run_name: str, config: dict[str, Any], 
     run = client.create_run(experiment_id, run_name=run_name, tags={k: redact(str(v)) for k, v in all_tags.items()})
     params = [Param(k, str(v)[:6000]) for k, v in flatten(redact(config)).items()]
     for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i : i + 100])
+        call_with_retry(client.log_batch, run.info.run_id, params=params[i : i + 100])
     return run.info.run_id
 
 
@@ -140,19 +141,19 @@ def start_child_run(experiment_id: str, parent_run_id: str, run_name: str, tags:
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 
-    MlflowClient().set_terminated(run_id, status=status)
+    call_with_retry(MlflowClient().set_terminated, run_id, status=status)
 
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
     from mlflow import MlflowClient
 
-    MlflowClient().log_text(run_id, text, artifact_file)
+    call_with_retry(MlflowClient().log_text, run_id, text, artifact_file)
 
 
 def log_dict(run_id: str, data: dict[str, Any], artifact_file: str) -> None:
     from mlflow import MlflowClient
 
-    MlflowClient().log_dict(run_id, redact(data), artifact_file)
+    call_with_retry(MlflowClient().log_dict, run_id, redact(data), artifact_file)
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
@@ -160,7 +161,7 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
 
     client = MlflowClient()
     for k, v in tags.items():
-        client.set_tag(run_id, k, redact(str(v)))
+        call_with_retry(client.set_tag, run_id, k, redact(str(v)))
 
 
 def loss_plot_png(log_history: list[dict[str, Any]]) -> bytes:
@@ -225,4 +226,4 @@ def log_png(run_id: str, png: bytes, artifact_file: str, scratch_dir: Path) -> N
     scratch_dir.mkdir(parents=True, exist_ok=True)
     path = scratch_dir / Path(artifact_file).name
     path.write_bytes(png)
-    MlflowClient().log_artifact(run_id, str(path), artifact_path=str(Path(artifact_file).parent))
+    call_with_retry(MlflowClient().log_artifact, run_id, str(path), artifact_path=str(Path(artifact_file).parent))

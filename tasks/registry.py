@@ -5,8 +5,10 @@ state a deployment reads:
 - `challenger`: the newest registered version, set by `register_model`;
 - `champion`: the version that serves, set only by `apply_promotion` / `promote_version` / `rollback_champion`.
 
-Everything a decision was based on is written as version tags, so the registry itself is the audit
-log (`ftflow.promotion.*`, `ftflow.rollback.*`, `ftflow.eval.*`). Rollback follows the
+What people filter by is written as version tags, so the registry itself is the audit log
+(`ftflow.promotion.{promote,reason,who,why,previous_champion}`, `ftflow.rollback.*`, `ftflow.eval.*`);
+the scorecard a decision was based on (metrics against the compared model, data, base model) is the
+version's description, a Markdown table (`version_scorecard`). Rollback follows the
 `ftflow.promotion.previous_champion` tag that every promotion leaves on the version it promoted.
 
 What a version holds depends on the export (tag `ftflow.export`, also in the logged model's metadata):
@@ -88,22 +90,50 @@ def _is_transient(err: BaseException) -> bool:
     return isinstance(err, (ConnectionError, TimeoutError))
 
 
-def call_with_retry(fn: Callable[..., T], *args: Any, tries: int = 4, base_delay: float = 0.5, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)`, retried with exponential backoff (0.5 s, 1 s, 2 s + jitter) on transient errors.
+# The one retry layer for MLflow calls. MLflow's own HTTP retries are off (infra.local sets
+# MLFLOW_HTTP_REQUEST_MAX_RETRIES=0) and no Prefect task retries an MLflow call, so attempts never
+# multiply: one call waits at most FTFLOW_MLFLOW_RETRY_SECONDS in total between its attempts.
+RETRY_BUDGET_ENV = "FTFLOW_MLFLOW_RETRY_SECONDS"
+DEFAULT_RETRY_BUDGET_S = 30.0
+MAX_RETRY_DELAY_S = 8.0
 
-    Use only for calls that are safe to repeat (reads, tags, aliases).
+
+def retry_budget_s() -> float:
+    """Total seconds one MLflow call may spend waiting between attempts (FTFLOW_MLFLOW_RETRY_SECONDS, default 30; 0 = no retry)."""
+    raw = os.environ.get(RETRY_BUDGET_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw.strip() else DEFAULT_RETRY_BUDGET_S
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds; using %g", RETRY_BUDGET_ENV, raw, DEFAULT_RETRY_BUDGET_S)
+        return DEFAULT_RETRY_BUDGET_S
+
+
+def call_with_retry(fn: Callable[..., T], *args: Any, budget_s: float | None = None, base_delay: float = 0.5,
+                    **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, retried on transient errors with exponential backoff (0.5 s, 1 s, 2 s, ... at most
+    8 s, + jitter) while the total wait stays within `budget_s` (default: `retry_budget_s()`).
+
+    The one rule for every MLflow call of the flow process. Use only for calls that are safe to repeat.
     """
-    for attempt in range(1, tries + 1):
+    budget = retry_budget_s() if budget_s is None else budget_s
+    waited, attempt = 0.0, 0
+    while True:
+        attempt += 1
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            if attempt == tries or not _is_transient(err):
+            delay = min(MAX_RETRY_DELAY_S, base_delay * 2 ** (attempt - 1)) * (1 + 0.25 * random.random())
+            if not _is_transient(err) or waited + delay > budget:
                 raise
-            delay = base_delay * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
-            log.warning("MLflow call %s failed (%s); retry %d/%d in %.1fs",
-                        getattr(fn, "__name__", fn), err, attempt, tries - 1, delay)
+            log.warning("MLflow call %s failed (%s); retry %d in %.1fs (%.0f of %.0f s retry budget left)",
+                        getattr(fn, "__name__", fn), _one_line(err), attempt, delay, budget - waited, budget)
             time.sleep(delay)
-    raise AssertionError("unreachable")
+            waited += delay
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 def _client():
@@ -477,18 +507,18 @@ def apply_promotion(model_name: str, version: str, decision: dict[str, Any], *, 
     client = _client()
     version = str(version)
     previous = current_champion(model_name)
+    if previous == version:  # nothing to decide: the record of when it became champion stays as it was
+        log.info("%s: version %s is already the champion; nothing moved", model_name, version)
+        return
+    # Tags are what people filter by (promoted or not, who, why); the scores and the comparison are
+    # in the version's description (`version_scorecard`).
     tags = {
         "promote": str(bool(decision["promote"])).lower(),
         "reason": str(decision.get("reason", "")),
-        "metric": str(decision.get("metric", "")),
-        "challenger_score": _fmt(decision.get("challenger_score")),
-        "champion_score": _fmt(decision.get("champion_score")),
-        "delta": _fmt(decision.get("delta")),
         "who": who,
         "why": why,
-        "at": _now(),
     }
-    moving = bool(decision["promote"]) and previous != version
+    moving = bool(decision["promote"])
     if moving:
         tags["previous_champion"] = previous or ""
     for k, v in tags.items():
@@ -677,7 +707,10 @@ def promotion_markdown(decision: dict[str, Any], challenger_metrics: dict[str, f
     `compared_with` names what the challenger was scored against ("champion v3", "base model").
     """
     champion_metrics = champion_metrics or {}
-    verdict = "promoted to **champion**" if decision["promote"] else "**not promoted**"
+    if decision.get("already_champion"):
+        verdict = "already **champion** (nothing moved)"
+    else:
+        verdict = "promoted to **champion**" if decision["promote"] else "**not promoted**"
     lines = [
         f"## {model_name} version {version}: {verdict}",
         "",
@@ -688,6 +721,35 @@ def promotion_markdown(decision: dict[str, Any], challenger_metrics: dict[str, f
         *_scores_table(challenger_metrics, champion_metrics, "challenger", compared_with, decision.get("metric")),
     ]
     return "\n".join(lines) + "\n"
+
+
+def version_scorecard(model_name: str, version: str, decision: dict[str, Any], challenger_metrics: dict[str, float],
+                      champion_metrics: dict[str, float] | None, *, compared_with: str, base_model: str,
+                      data: dict[str, Any] | None = None, at: str | None = None) -> str:
+    """The registry description of a version: its scorecard as Markdown (metrics against the model it was
+    compared with, the decision, the data and the base model). Shown on the version's page in the MLflow UI."""
+    if decision.get("already_champion"):
+        verdict = "already **@champion**, nothing moved"
+    else:
+        verdict = "promoted to **@champion**" if decision["promote"] else "**not promoted**"
+    data = data or {}
+    rows = [("decision", f"{verdict}: {decision.get('reason', '')}"),
+            ("decision metric", f"`{decision.get('metric', '')}`"),
+            ("compared with", compared_with),
+            ("base model", f"`{base_model}`")]
+    rows += [(k, f"`{v}`" if isinstance(v, str) else str(v)) for k, v in data.items()]
+    rows.append(("scored at", at or _now()))
+    no_n = {k: v for k, v in challenger_metrics.items() if k != "n"}
+    old = {k: v for k, v in (champion_metrics or {}).items() if k != "n"}
+    lines = [f"### {model_name} version {version}: {verdict}", "",
+             *_scores_table(no_n, old, f"version {version}", compared_with, decision.get("metric")), "",
+             "| | |", "|---|---|", *(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def describe_version(model_name: str, version: str, markdown: str) -> None:
+    """Set a version's description (its scorecard) in the registry."""
+    call_with_retry(_client().update_model_version, model_name, str(version), description=markdown)
 
 
 def _scores_table(new: dict[str, float], old: dict[str, float], new_label: str, old_label: str,

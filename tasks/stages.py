@@ -1,8 +1,8 @@
-"""The Prefect task layer: each stage's plain logic wrapped with logging, retries and artifacts.
+"""The Prefect task layer: each stage's plain logic wrapped with logging and artifacts.
 
 Nothing here holds pipeline logic of its own; it calls the stage modules with plain values,
 forwards their logs to the Prefect run log, writes the artifacts a person reads in the UI, and
-retries only what is transient (MLflow calls), never the training launch.
+leaves retries to the one MLflow retry layer (`tasks.registry.call_with_retry`), never the training launch.
 
 Orchestration extras, all here:
 - convert and tokenize are Prefect-cached on *content* (input bytes, settings, stage code), so a
@@ -18,37 +18,28 @@ Orchestration extras, all here:
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import os
+import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.tasks import exponential_backoff
 
 from ftflow.config import PipelineConfig, resolve_data_path
 from ftflow.utils import PROJECT_ROOT, sha256_file, sha256_json, sha256_tree, state_dir
 
 GPU_LIMIT = "gpu"  # the global concurrency limit `make up` creates; FTFLOW_GPU_SLOTS sizes it
 
-TRANSIENT = (ConnectionError, TimeoutError, OSError)
-
-
-def _transient(task, task_run, state) -> bool:
-    """Retry MLflow/HTTP failures (connection refused, timeouts, 5xx), not programming errors."""
-    try:
-        state.result()
-    except TRANSIENT:
-        return True
-    except Exception as err:  # mlflow wraps HTTP errors in MlflowException
-        text = str(err).lower()
-        return any(s in text for s in ("connection", "timed out", "temporarily", "502", "503", "504", "max retries"))
-    return False
+# Retries: MLflow calls are retried inside the stage logic by `tasks.registry.call_with_retry`, the
+# one retry layer (bounded by FTFLOW_MLFLOW_RETRY_SECONDS). No task here has Prefect retries, so
+# attempts never multiply; a training launch is never retried (the next run resumes instead).
 
 
 @dataclass
@@ -165,7 +156,7 @@ def convert_data(cfg: PipelineConfig, out_dir: Path) -> DataOut:
     return DataOut(str(res.train_path), str(res.eval_path), str(res.rejects_path), res.report)
 
 
-@task(name="record-data", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+@task(name="record-data", retries=0)
 def record_data(cfg: PipelineConfig, data: DataOut, cached: bool, parent_run_id: str) -> None:
     """The data report in MLflow (parent run) and as a Prefect artifact, cached or not."""
     from tasks.lineage import log_dict, set_tags
@@ -201,7 +192,7 @@ def tokenize(cfg: PipelineConfig, train_jsonl: str, base: BaseModel_) -> TokensO
     return TokensOut(res.key, str(res.path), res.hit, res.stats, res.template_text, reference)
 
 
-@task(name="record-tokens", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+@task(name="record-tokens", retries=0)
 def record_tokens(tokens: TokensOut, cached: bool, parent_run_id: str) -> TokensOut:
     """Token statistics in MLflow and as a Prefect artifact. A Prefect cache hit counts as a cache hit."""
     from tasks.lineage import length_histogram_png, log_dict, log_png, set_tags
@@ -294,6 +285,19 @@ def _rank0_line(line: str) -> str:
     return line.rsplit("[default0]:", 1)[-1].strip()
 
 
+# An exception line of rank 0 ("ValueError: ..."), not a source line that mentions one, and not
+# torchrun's own ChildFailedError (the command's error message names the failed rank instead).
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b:")
+
+
+def _shown_rank0_line(line: str) -> bool:
+    """Rank 0's lines the run log shows: ftflow's own training log lines and the exception it raises."""
+    if "ftflow.train" in line:
+        return True
+    text = _rank0_line(line)
+    return bool(_EXCEPTION_LINE.match(text)) and "ChildFailedError" not in text
+
+
 @task(name="train", retries=0)
 def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """Launch the ranks. Never retried: a failure resumes from the last checkpoint on the next run."""
@@ -306,7 +310,10 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
     child = start_child_run(experiment_id, parent_run_id, "train", tags={"ftflow.train_key": key})
     import os
 
-    rank0 = logging.getLogger("ftflow.rank0")
+    # Rank 0's lines arrive on the launcher's reader thread, outside the task's run context: the
+    # adapter carries the run ids, so Prefect's API handler files them under this task run (without
+    # them it warns "attempted to send logs to the API without a flow run id" for every line).
+    rank0 = logging.LoggerAdapter(logging.getLogger("ftflow.rank0"), dict(getattr(logger, "extra", None) or {}))
     try:
         summary = run_training(
             train=cfg.train,
@@ -319,7 +326,7 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
             mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
             mlflow_run_id=child,
             reference_inputs=tokens.reference_inputs,
-            on_line=lambda line: rank0.info(_rank0_line(line)) if "ftflow.train" in line or "Error" in line else None,
+            on_line=lambda line: rank0.info(_rank0_line(line)) if _shown_rank0_line(line) else None,
         )
     except Exception:
         end_run(child, "FAILED")
@@ -364,7 +371,7 @@ def consolidate(cfg: PipelineConfig, trained: dict[str, Any], base: BaseModel_, 
     return str(out)
 
 
-@task(name="register", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
+@task(name="register", retries=0)
 def register(cfg: PipelineConfig, model_dir: str, fingerprint: str, parent_run_id: str, tags: dict[str, str]):
     from tasks.registry import register_model
     from tasks.train import exclusive
@@ -384,6 +391,23 @@ def register(cfg: PipelineConfig, model_dir: str, fingerprint: str, parent_run_i
     return rv
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@contextmanager
+def _stdout_to_log(logger) -> Iterator[None]:
+    """What a library prints to stdout inside the block goes to `logger`, one line, colour codes removed
+    (MLflow's GenAI evaluation prints its notice with ANSI colours, which ended up in log files)."""
+    buf = io.StringIO()
+    try:
+        with redirect_stdout(buf):
+            yield
+    finally:
+        text = " ".join(ln.strip() for ln in _ANSI.sub("", buf.getvalue()).splitlines() if ln.strip())
+        if text:
+            logger.info("%s", text)
+
+
 @task(name="evaluate", retries=0)
 def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     from tasks.evaluate import evaluate_model, log_eval_to_mlflow, log_genai_evaluation
@@ -397,7 +421,8 @@ def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, e
     )
     log_eval_to_mlflow(res, child, label)
     if cfg.eval.mlflow_genai:
-        log_genai_evaluation(res, child)  # per-example traces with assessments, in the child run
+        with _stdout_to_log(logger):  # MLflow prints a colour-coded notice to stdout: into the log, as plain text
+            log_genai_evaluation(res, child)  # per-example traces with assessments, in the child run
     log_eval_to_mlflow(res, parent_run_id, label)
     end_run(child)
     shown = {k: round(v, 4) for k, v in res.metrics.items() if isinstance(v, float)}
@@ -405,9 +430,15 @@ def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, e
     return {"metrics": res.metrics, "run_id": child, "model_ref": model_ref}
 
 
-@task(name="promote", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=_transient)
-def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: dict[str, Any], champion_label: str) -> dict[str, Any]:
-    from tasks.registry import apply_promotion, decide_promotion, promotion_markdown, record_eval
+@task(name="promote", retries=0)
+def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: dict[str, Any], champion_label: str,
+            already_champion: bool = False, data_report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Decide and apply; the decision's words are the same in the log, the artifact, the registry and the summary.
+
+    `already_champion`: the version is @champion already (an unchanged config run again); it was scored
+    against `champion_label` for reference only, and nothing moves."""
+    from tasks.registry import (apply_promotion, decide_promotion, describe_version, promotion_markdown, record_eval,
+                                version_scorecard)
 
     logger = get_run_logger()
     p = cfg.promote
@@ -416,15 +447,40 @@ def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: 
         challenger["metrics"], champion["metrics"], metric=p.metric, min_improvement=p.min_improvement, no_regress=p.no_regress
     )
     decision["compared_with"] = champion_label
-    apply_promotion(version.name, version.version, decision, who="ftflow finetune flow", why=decision["reason"])
+    if already_champion:
+        decision.update(
+            promote=False, already_champion=True,
+            reason=f"version {version.version} is already @champion; nothing moved (compared with the {champion_label} "
+                   f"for reference: {decision['reason']})",
+        )
+    else:
+        apply_promotion(version.name, version.version, decision, who="ftflow finetune flow", why=decision["reason"])
+        r = data_report or {}
+        data = {k: v for k, v in {
+            "train data": ", ".join(cfg.data.train), "eval data": ", ".join(cfg.data.eval) or "split from train",
+            "train / eval rows": f"{r['train_rows']} / {r['eval_rows']}" if "train_rows" in r else None,
+            "train data sha256": (r.get("sha256") or {}).get("train"),
+        }.items() if v}
+        # the registry page of the version: the scorecard of this decision (an already-champion
+        # version keeps the scorecard of the decision that made it champion)
+        describe_version(version.name, version.version, version_scorecard(
+            version.name, version.version, decision, challenger["metrics"], champion["metrics"],
+            compared_with=champion_label, base_model=cfg.model.name_or_path, data=data))
     create_markdown_artifact(
         key="promotion-decision",
         markdown=promotion_markdown(decision, challenger["metrics"], champion["metrics"], version.name, version.version,
                                     compared_with=champion_label),
         description="Promotion decision",
     )
-    logger.info("promotion: %s — %s", "PROMOTED to champion" if decision["promote"] else "not promoted", decision["reason"])
+    logger.info("promotion: %s — %s", promotion_verdict(decision), decision["reason"])
     return decision
+
+
+def promotion_verdict(decision: dict[str, Any]) -> str:
+    """The one word a person reads for a decision: in the log, the summary and the artifact alike."""
+    if decision.get("already_champion"):
+        return "ALREADY @champion (nothing moved)"
+    return "PROMOTED to @champion" if decision["promote"] else "not promoted"
 
 
 def json_default(o: Any) -> Any:

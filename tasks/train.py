@@ -50,9 +50,14 @@ TRAIN_CODE_VERSION = "2"  # 2: LoRA finals carry adapter_config.json, Q-LoRA ref
 
 
 class TrainingFailed(RuntimeError):
-    def __init__(self, message: str, rank: int | None, exit_code: int | None, log_tail: str):
+    """`error` is what the rank died of (`rank_error`); `log_tail` the end of its log files."""
+
+    def __init__(self, message: str, rank: int | None, exit_code: int | None, log_tail: str, error: str = ""):
         super().__init__(message)
-        self.rank, self.exit_code, self.log_tail = rank, exit_code, log_tail
+        self.rank, self.exit_code, self.log_tail, self.error = rank, exit_code, log_tail, error
+
+    def __reduce__(self):  # Prefect persists and re-raises failures: keep every field through pickling
+        return (TrainingFailed, (self.args[0], self.rank, self.exit_code, self.log_tail, self.error))
 
 
 def train_key(train: TrainConfig, dataset_key: str, model_fingerprint: str, template_text: str | None) -> str:
@@ -113,6 +118,63 @@ def _rank_log_tail(log_dir: Path, rank: int | None, lines: int = 40) -> str:
         if text:
             chunks.append(f"--- {f.relative_to(log_dir)} ---\n" + "\n".join(text[-lines:]))
     return "\n".join(chunks)[-6000:]
+
+
+_FRAME = re.compile(r'^\s*File "')
+# Lines that are log output, not the continuation of an exception's message.
+_LOG_LINE = re.compile(r"^(\[|[WIEF]\d{4} |\d{4}-\d\d-\d\d|\S*Warning\b|(WARNING|INFO|DEBUG|ERROR)\b|\s*warnings\.warn)")
+
+
+def rank_error(text: str, max_lines: int = 12) -> str:
+    """What a rank died of, from its log: the last traceback's innermost frame and its exception
+    line(s); else the last line naming an error. Warnings logged before or after it are left out.
+    '' when the log names no error (a rank killed by a signal writes none)."""
+    lines = [ln.rstrip() for ln in text.splitlines()]
+    starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith("Traceback (most recent call last):")]
+    if starts:
+        block = lines[starts[-1]:]
+        frames = [i for i, ln in enumerate(block) if _FRAME.match(ln)]
+        if frames:
+            rest = block[frames[-1]:]
+            out = rest[:2]  # File "...", line N, in f  +  its source line
+            for ln in rest[2:]:
+                if len(out) > 2 and (not ln.strip() or _LOG_LINE.match(ln)):
+                    break  # the exception ended; what follows is other output (a warning, a log line)
+                if len(out) == 2 and (not ln.strip() or set(ln.strip()) <= set("^~ ")):
+                    continue  # the caret line under the source line
+                out.append(ln)
+                if len(out) >= max_lines:
+                    break
+            return "\n".join(out)
+    named = [ln for ln in lines if re.match(r"^\s*[A-Za-z_][\w.]*(Error|Exception)\b:?", ln) and "Warning" not in ln]
+    return named[-1].strip() if named else ""
+
+
+def describe_exit(code: int | None) -> str:
+    """'exit code 1', or for a signal 'signal 9 (SIGKILL: killed, e.g. by the out-of-memory killer)'."""
+    if code is None:
+        return "an unknown exit code"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = {"SIGKILL": ": killed, e.g. by the out-of-memory killer or a user",
+                "SIGSEGV": ": a crash in native code"}.get(name, "")
+        return f"signal {-code} ({name}{hint})"
+    return f"exit code {code}"
+
+
+def _rank_error_of(log_dir: Path, rank: int | None) -> str:
+    """`rank_error` of the failed rank's own stderr (every rank's when the rank is unknown)."""
+    files = sorted(log_dir.rglob("stderr.log"))
+    if rank is not None:
+        files = [f for f in files if f.parent.name == str(rank)] or files
+    for f in files:
+        error = rank_error(f.read_text(errors="replace"))
+        if error:
+            return error
+    return ""
 
 
 def _failed_rank(output: str) -> tuple[int | None, int | None]:
@@ -254,11 +316,13 @@ def launch(
         rank, code = _failed_rank(output)
         code = code if code is not None else returncode
         rank_tail = _rank_log_tail(log_dir, rank)
+        error = _rank_error_of(log_dir, rank)  # the rank's own log: torchrun's output has torchrun's traceback
         raise TrainingFailed(
-            f"training failed: rank {rank if rank is not None else '?'} exited with code {code}. "
+            f"training failed: rank {rank if rank is not None else '?'} exited with code {code}"
+            + (f" ({describe_exit(code)})" if code is not None and code < 0 else "") + ". "
             f"All ranks were stopped; the next run resumes from the latest complete checkpoint. "
-            f"Full logs: {log_dir}\n{rank_tail or output[-4000:]}",
-            rank, code, rank_tail,
+            f"Full logs: {log_dir}\n" + (f"error:\n{error}\n" if error else "") + f"log tail:\n{rank_tail or output[-4000:]}",
+            rank, code, rank_tail, error,
         )
 
 

@@ -126,8 +126,8 @@ def test_finetune_promotion_decision_artifact(prefect_server, mlflow_sqlite, bar
     from tasks import stages
 
     @flow(name="decide")
-    def decide(cfg, version, challenger, champion, label):
-        return stages.promote(cfg, version, challenger, champion, label)
+    def decide(cfg, version, challenger, champion, label, already_champion=False):
+        return stages.promote(cfg, version, challenger, champion, label, already_champion=already_champion)
 
     cfg = load_config(REPO / "configs/demo.yaml")
     bare_versions("m", 2)
@@ -149,3 +149,20 @@ def test_finetune_promotion_decision_artifact(prefect_server, mlflow_sqlite, bar
     assert "## m version 2: promoted to **champion**" in md and "exact_match improved by +0.2500 (> 0)" in md
     assert "| exact_match ⬅ | 0.7500 | 0.5000 | +0.2500 |" in md
     assert current_champion("m") == "2"
+    import mlflow
+
+    desc = mlflow.MlflowClient().get_model_version("m", "2").description  # the scorecard, in the registry
+    assert desc.startswith("### m version 2: promoted to **@champion**") and "| exact_match ⬅ | 0.7500 | 0.5000 | +0.2500 |" in desc
+
+    # the same config run again: version 2 is @champion already; compared with the base model for
+    # reference, it "wins", and still nothing moves. Log, artifact and registry say so alike.
+    state = decide(cfg, RegisteredVersion("m", "2", "", True, "models:/m/2"), better, champion, "base model",
+                   already_champion=True, return_state=True)
+    decision = state.result()
+    assert decision["promote"] is False and decision["already_champion"] is True
+    assert decision["reason"].startswith("version 2 is already @champion; nothing moved (compared with the base model")
+    md = _artifacts(state)["promotion-decision"]
+    assert "## m version 2: already **champion** (nothing moved)" in md and "PROMOTED" not in md
+    assert current_champion("m") == "2"
+    # the registry keeps the scorecard of the decision that made it champion
+    assert mlflow.MlflowClient().get_model_version("m", "2").description == desc

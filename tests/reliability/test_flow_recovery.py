@@ -223,11 +223,19 @@ def test_rank_sigkilled_in_flow_fails_clearly_then_next_run_resumes(tmp_path_fac
         out = crashed.output()
 
         assert rc != 0, out[-4000:]
-        # the error names the rank, its exit code and carries a log tail
-        m = re.search(r"TrainingFailed: training failed: rank 1 exited with code -9\..*?Full logs: (\S+)\n(.+)", out, re.S)
+        # one message: the rank, its exit code (a signal, said in words), where its logs are, the exit code
+        assert rc == 1, out[-4000:]
+        m = re.search(r"^error: training failed: rank 1 exited with code -9 \(signal 9 \(SIGKILL.*?^  rank logs: (\S+)$",
+                      out, re.S | re.M)
         assert m, out[-6000:]
         assert Path(m.group(1)).is_dir() and str(home) in m.group(1)
-        assert re.search(r"--- \S*/1/std(err|out)\.log ---|Root Cause", m.group(2)), m.group(2)[:3000]
+        assert "ftflow run failed in stage 'train' (exit code 1)" in out, out[-3000:]
+        # the full log (in the run's output folder) holds the traceback and the rank's log tail
+        full = re.search(r"full log \(every traceback\): (\S+)", out)
+        assert full and Path(full.group(1)).parent.parent == home / "runs" / "recovery", out[-3000:]
+        log_text = Path(full.group(1)).read_text()
+        assert "Traceback" in log_text
+        assert re.search(r"--- \S*/1/std(err|out)\.log ---|Root Cause", log_text), log_text[-3000:]
         # no torchrun and no rank is left running
         assert wait_for(lambda: not any(_alive(p) for p in launched), 30), launched
         assert _training_procs(home) == []

@@ -123,6 +123,33 @@ def test_retry_only_transient():
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("budget, expected_calls", [("0", 1), ("2", 3), ("10", 5), ("30", 7)])
+def test_retry_total_wait_is_bounded_by_the_budget(monkeypatch, budget, expected_calls):
+    """FTFLOW_MLFLOW_RETRY_SECONDS bounds the total wait of one call: delays 0.5, 1, 2, 4, 8, 8, ... (+ up to
+    25% jitter) are taken while their sum fits. With jitter at its maximum, budget 2 s allows 0.625 + 1.25
+    (3 calls), 10 s allows 0.625 + 1.25 + 2.5 + 5 (5 calls), 30 s adds 10 + 10 (7 calls)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from tasks import registry
+
+    slept: list[float] = []
+    monkeypatch.setattr(registry.time, "sleep", slept.append)
+    monkeypatch.setattr(registry.random, "random", lambda: 1.0)  # the largest jitter
+    monkeypatch.setenv("FTFLOW_MLFLOW_RETRY_SECONDS", budget)
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise MlflowException("connection refused", error_code=TEMPORARILY_UNAVAILABLE)
+
+    with pytest.raises(MlflowException):
+        call_with_retry(down)
+    assert len(calls) == expected_calls
+    assert sum(slept) <= float(budget)
+    assert max(slept, default=0) <= 10.0  # 8 s cap + 25% jitter
+
+
 # --------------------------------------------------------------------------- promotion
 
 
@@ -249,3 +276,49 @@ def test_promote_version_and_rollback_record_who_and_why(mlflow_sqlite, bare_ver
     assert (r["from"], r["to"]) == ("2", "1") and current_champion("m") == "1"
     tags = mlflow.MlflowClient().get_model_version("m", "1").tags
     assert (tags["ftflow.rollback.restored_from"], tags["ftflow.rollback.restored_by"]) == ("2", "carol")
+
+
+def test_already_champion_moves_nothing_and_keeps_its_record(mlflow_sqlite, bare_versions):
+    """An unchanged config run again: its version is @champion already. Its promotion record (who, why,
+    previous champion) is not overwritten, and the alias stays."""
+    import mlflow
+
+    bare_versions("m", 1)
+    win = {"promote": True, "reason": "exact_match improved by +1.0000 (> 0)", "metric": "exact_match",
+           "challenger_score": 1.0, "champion_score": 0.0, "delta": 1.0}
+    apply_promotion("m", "1", win, why="first run")
+    before = mlflow.MlflowClient().get_model_version("m", "1").tags
+    apply_promotion("m", "1", win, why="the same run again")
+    after = mlflow.MlflowClient().get_model_version("m", "1").tags
+    assert after == before and after["ftflow.promotion.why"] == "first run"
+    assert current_champion("m") == "1"
+    # tags are what people filter by; the scores live in the description
+    assert {k for k in after if k.startswith("ftflow.promotion.")} == {
+        f"ftflow.promotion.{k}" for k in ("promote", "reason", "who", "why", "previous_champion")}
+
+
+def test_version_description_is_its_scorecard(mlflow_sqlite, bare_versions):
+    import mlflow
+
+    from tasks.registry import describe_version, version_scorecard
+
+    bare_versions("m", 2)
+    decision = {"promote": False, "reason": "exact_match changed by +0.0000, not more than the required 0",
+                "metric": "exact_match"}
+    md = version_scorecard("m", "2", decision, {"exact_match": 0.8, "loss": 0.5, "n": 10},
+                           {"exact_match": 0.8, "loss": 0.25, "n": 10}, compared_with="champion v1",
+                           base_model="embedded:tiny-qwen2", data={"train data": "a.jsonl | b.jsonl", "train / eval rows": "90 / 10"})
+    describe_version("m", "2", md)
+    desc = mlflow.MlflowClient().get_model_version("m", "2").description
+    lines = desc.splitlines()
+    assert lines[0] == "### m version 2: **not promoted**"
+    assert "| metric | version 2 | champion v1 | delta |" in lines
+    assert "| exact_match ⬅ | 0.8000 | 0.8000 | +0.0000 |" in lines
+    assert "| loss | 0.5000 | 0.2500 | +0.2500 |" in lines
+    assert not any(ln.startswith("| n |") for ln in lines)  # a count, not a score
+    assert f"| decision | **not promoted**: {decision['reason']} |" in lines
+    assert "| base model | `embedded:tiny-qwen2` |" in lines and "| compared with | champion v1 |" in lines
+    assert "| train data | `a.jsonl / b.jsonl` |" in lines  # a '|' in a value would break the table
+    already = version_scorecard("m", "1", {**decision, "already_champion": True}, {"exact_match": 1.0}, {"exact_match": 0.0},
+                                compared_with="base model", base_model="x")
+    assert already.splitlines()[0] == "### m version 1: already **@champion**, nothing moved"
