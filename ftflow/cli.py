@@ -441,8 +441,6 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[common], help="run the whole pipeline (Prefect flow 'finetune') on a config")
     with_config(r)
     r.add_argument("--summary-json", metavar="PATH", help="also write the run summary as JSON")
-    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show full tracebacks on the terminal (they are always in the run's log file)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("convert", parents=[common],
