@@ -159,9 +159,16 @@ def run_cached(stage, *args: Any) -> tuple[Any, bool]:
 
 @task(name="convert-data", cache_key_fn=_convert_cache_key, persist_result=True)
 def convert_data(cfg: PipelineConfig, out_dir: Path) -> DataOut:
-    from tasks.convert import convert_from_config
+    from flows import monitor
+    from tasks.convert import DataError, convert_from_config
 
-    res = convert_from_config(cfg, out_dir)
+    try:
+        res = convert_from_config(cfg, out_dir)
+    except DataError as err:
+        report = getattr(err, "report", None) or {}
+        if report.get("reject_fraction", 0) > cfg.data.max_reject_fraction:
+            monitor.data_rejected_over_limit(cfg.registry.model_name, report, cfg.data.max_reject_fraction, str(err))
+        raise
     return DataOut(str(res.train_path), str(res.eval_path), str(res.rejects_path), res.report)
 
 
@@ -306,24 +313,38 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
     child = start_child_run(experiment_id, parent_run_id, "train", tags={"ftflow.train_key": key})
     import os
 
+    from flows import monitor
+
     rank0 = logging.getLogger("ftflow.rank0")
+    progress = monitor.TrainingProgress(f"Training {cfg.name} ({cfg.train.mode})")
+
+    def on_line(line: str) -> None:
+        if monitor.PROGRESS_MARK in line:
+            progress.feed(line)
+        elif "ftflow.train" in line or "Error" in line:
+            rank0.info(_rank0_line(line))
+
     try:
-        summary = run_training(
-            train=cfg.train,
-            train_dir=train_dir,
-            model_path=base.path,
-            dataset_path=tokens.path,
-            pad_token_id=base.pad_token_id,
-            trust_remote_code=cfg.model.trust_remote_code,
-            revision=cfg.model.revision,
-            mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
-            mlflow_run_id=child,
-            reference_inputs=tokens.reference_inputs,
-            on_line=lambda line: rank0.info(_rank0_line(line)) if "ftflow.train" in line or "Error" in line else None,
-        )
-    except Exception:
+        with monitor.system_metrics(child, os.environ.get("MLFLOW_TRACKING_URI")):
+            summary = run_training(
+                train=cfg.train,
+                train_dir=train_dir,
+                model_path=base.path,
+                dataset_path=tokens.path,
+                pad_token_id=base.pad_token_id,
+                trust_remote_code=cfg.model.trust_remote_code,
+                revision=cfg.model.revision,
+                mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+                mlflow_run_id=child,
+                reference_inputs=tokens.reference_inputs,
+                on_line=on_line,
+            )
+    except Exception as err:
+        progress.close()
+        monitor.training_failed(cfg.registry.model_name, err, train_dir=str(train_dir), mlflow_run_id=child)
         end_run(child, "FAILED")
         raise
+    progress.close()
     if summary.get("resumed_from"):
         logger.info("resumed from %s", summary["resumed_from"])
     if summary.get("reused"):
@@ -381,6 +402,10 @@ def register(cfg: PipelineConfig, model_dir: str, fingerprint: str, parent_run_i
         "%s %s version %s (alias challenger)",
         "already registered:" if rv.existed else "registered", rv.name, rv.version,
     )
+    from flows import monitor
+
+    monitor.model_registered(rv.name, rv.version, model_uri=rv.model_uri, existed=rv.existed, run_id=parent_run_id,
+                             train_key=tags.get("ftflow.train_key"))
     return rv
 
 
@@ -424,6 +449,9 @@ def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: 
         description="Promotion decision",
     )
     logger.info("promotion: %s — %s", "PROMOTED to champion" if decision["promote"] else "not promoted", decision["reason"])
+    from flows import monitor
+
+    monitor.promotion_decided(version.name, version.version, decision, challenger["metrics"], champion["metrics"])
     return decision
 
 
