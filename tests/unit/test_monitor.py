@@ -5,11 +5,14 @@ tests/integration/test_monitor.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from flows import monitor
 from tasks.train import TrainingFailed
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -111,3 +114,33 @@ def test_close_without_progress_writes_nothing():
     p = Recorded(lambda: 0.0)
     p.close()
     assert p.writes == []
+
+
+def test_convert_over_the_reject_limit_emits_the_event(sent, tmp_path):
+    """The `convert-data` task's own wiring: the run still fails with the DataError, and the event
+    carries the counts of the report."""
+    from ftflow.config import load_config
+    from tasks.convert import DataError
+    from tasks.stages import convert_data
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
+                   '{"messages": [{"role": "user", "content": "hi again"}]}\n')  # no assistant turn: rejected
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.train=[{bad}]", "data.eval=[]", "data.max_reject_fraction=0.1",
+                                                        "registry.model_name=m"])
+    with pytest.raises(DataError, match="max_reject_fraction"):
+        convert_data.fn(cfg, tmp_path / "out")
+    (ev,) = [e for e in sent if e["event"] == "ftflow.data.rejected-over-limit"]
+    assert ev["resource"]["prefect.resource.id"] == "ftflow.model.m"
+    assert (ev["payload"]["rows_in"], ev["payload"]["rejected"], ev["payload"]["reject_fraction"]) == (2, 1, 0.5)
+    assert ev["payload"]["by_reason"] == {"no_assistant_turn": 1} and ev["payload"]["max_reject_fraction"] == 0.1
+
+
+def test_deploy_refuses_unknown_notification_settings():
+    from infra.deploy import automation_specs, notification_block_id
+
+    with pytest.raises(ValueError, match="BLOCK-TYPE/NAME"):
+        notification_block_id("ftflow-alerts")
+    with pytest.raises(ValueError, match="choose from failed, promoted"):
+        automation_specs(notify_block_id="00000000-0000-0000-0000-000000000001", notify_on=("failed", "registerd"))
+    assert automation_specs() == []  # nothing is created unless asked for
