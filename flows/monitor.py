@@ -180,6 +180,12 @@ class TrainingProgress:
                 "learning_rate": _round(rec.get("learning_rate"), 8), "tokens_per_s": _round(rec.get("tokens_per_s"), 1),
                 "elapsed": _duration(elapsed), "eta": _duration(eta)}
 
+    def reused(self, global_step: int) -> None:
+        """A training found complete and reused: the bar shows it done, at its last step."""
+        with self._lock:
+            self.step = self.max_steps = self.start_step = int(global_step)
+            self.description += " (reused: already trained)"
+
     def close(self) -> None:
         """Write what was not written yet (the run's last step: 100% when training completed)."""
         with self._lock:

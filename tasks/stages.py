@@ -344,6 +344,8 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
         monitor.training_failed(cfg.registry.model_name, err, train_dir=str(train_dir), mlflow_run_id=child)
         end_run(child, "FAILED")
         raise
+    if summary.get("reused"):
+        progress.reused(summary.get("global_step") or 0)
     progress.close()
     if summary.get("resumed_from"):
         logger.info("resumed from %s", summary["resumed_from"])

@@ -110,6 +110,13 @@ def test_a_resumed_run_starts_where_it_resumes():
     assert p.rows[-1]["eta"] == "0:00:30"
 
 
+def test_a_reused_training_shows_done():
+    p = Recorded(lambda: 0.0)
+    p.reused(63)
+    p.close()
+    assert [w[0] for w in p.writes] == [100.0] and p.step == 63 and "reused" in p.description
+
+
 def test_close_without_progress_writes_nothing():
     p = Recorded(lambda: 0.0)
     p.close()
