@@ -14,7 +14,7 @@
   line to `TrainingProgress.feed` inside the `train` task, which moves a progress artifact
   (`training-progress`) and writes a table artifact (`training-progress-table`: step / total,
   loss, learning rate, tokens/s, elapsed, ETA), each at most once every `interval_s` seconds.
-- `system_metrics(run_id)`: MLflow's own system-metrics logging (CPU, RAM, disk, network; GPU
+- `start_system_metrics(run_id)`: MLflow's own system-metrics logging (CPU, RAM, disk, network; GPU
   utilisation and memory through pynvml where there is a GPU) into the train run.
 
 Nothing here may break a run: a failure to emit or update is logged as a warning, once.
@@ -28,8 +28,7 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable
 
 log = logging.getLogger("ftflow.monitor")
 
@@ -224,17 +223,15 @@ def _round(v: Any, digits: int = 5) -> Any:
 # ------------------------------------------------------------------------------------ system metrics
 
 
-@contextmanager
-def system_metrics(run_id: str | None, tracking_uri: str | None = None, sampling_interval_s: float | None = None) -> Iterator[None]:
-    """MLflow's system metrics (`system/cpu_utilization_percentage`, `system/system_memory_usage_megabytes`,
-    disk, network, `system/gpu_*` with pynvml) logged into `run_id` while the block runs.
+def start_system_metrics(run_id: str | None, tracking_uri: str | None = None,
+                         sampling_interval_s: float | None = None) -> Callable[[], None]:
+    """Start MLflow's system metrics (`system/cpu_utilization_percentage`, `system/system_memory_usage_megabytes`,
+    disk, network, `system/gpu_*` with pynvml) logged into `run_id`; returns the function that stops them.
 
     The machine is sampled from the launcher's process: these are the node's figures, the ranks
     included. `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` (seconds, default 10) sets the cadence."""
     if not run_id:
-        yield
-        return
-    monitor = None
+        return lambda: None
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -243,12 +240,12 @@ def system_metrics(run_id: str | None, tracking_uri: str | None = None, sampling
         monitor.start()
     except Exception as err:  # noqa: BLE001
         log.warning("MLflow system metrics are off for this run: %s", err)
-        monitor = None
-    try:
-        yield
-    finally:
-        if monitor is not None:
-            try:
-                monitor.finish()
-            except Exception as err:  # noqa: BLE001
-                log.warning("could not finish MLflow system metrics: %s", err)
+        return lambda: None
+
+    def stop() -> None:
+        try:
+            monitor.finish()
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not finish MLflow system metrics: %s", err)
+
+    return stop

@@ -324,29 +324,31 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
         elif "ftflow.train" in line or "Error" in line:
             rank0.info(_rank0_line(line))
 
+    stop_system_metrics = monitor.start_system_metrics(child, os.environ.get("MLFLOW_TRACKING_URI"))
     try:
-        with monitor.system_metrics(child, os.environ.get("MLFLOW_TRACKING_URI")):
-            summary = run_training(
-                train=cfg.train,
-                train_dir=train_dir,
-                model_path=base.path,
-                dataset_path=tokens.path,
-                pad_token_id=base.pad_token_id,
-                trust_remote_code=cfg.model.trust_remote_code,
-                revision=cfg.model.revision,
-                mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
-                mlflow_run_id=child,
-                reference_inputs=tokens.reference_inputs,
-                on_line=on_line,
-            )
+        summary = run_training(
+            train=cfg.train,
+            train_dir=train_dir,
+            model_path=base.path,
+            dataset_path=tokens.path,
+            pad_token_id=base.pad_token_id,
+            trust_remote_code=cfg.model.trust_remote_code,
+            revision=cfg.model.revision,
+            mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+            mlflow_run_id=child,
+            reference_inputs=tokens.reference_inputs,
+            on_line=on_line,
+        )
     except Exception as err:
-        progress.close()
         monitor.training_failed(cfg.registry.model_name, err, train_dir=str(train_dir), mlflow_run_id=child)
         end_run(child, "FAILED")
         raise
+    finally:
+        stop_system_metrics()
+        progress.close()
     if summary.get("reused"):
         progress.reused(summary.get("global_step") or 0)
-    progress.close()
+        progress.close()
     if summary.get("resumed_from"):
         logger.info("resumed from %s", summary["resumed_from"])
     if summary.get("reused"):
