@@ -14,6 +14,8 @@
   line to `TrainingProgress.feed` inside the `train` task, which moves a progress artifact
   (`training-progress`) and writes a table artifact (`training-progress-table`: step / total,
   loss, learning rate, tokens/s, elapsed, ETA), each at most once every `interval_s` seconds.
+- `StageProgress`: a progress artifact for scored inference (`evaluation-progress-LABEL`), only
+  when the stage runs longer than a few seconds.
 - `start_system_metrics(run_id)`: MLflow's own system-metrics logging (CPU, RAM, disk, network; GPU
   utilisation and memory through pynvml where there is a GPU) into the train run.
 
@@ -214,6 +216,55 @@ class TrainingProgress:
             create_table_artifact(self.rows[-20:], key=TABLE_KEY, description=f"{self.description} (last 20 logging steps)")
             self._pushed_rows = len(self.rows)
         self.pushes += 1
+
+
+class StageProgress:
+    """A progress artifact for a stage that may take a while (scored inference): nothing for a
+    stage done within `after_s`, then updates at most every `interval_s`, and 100 % at the end.
+    `update(done, total)` is a plain callback the stage module calls; `close()` after the stage."""
+
+    def __init__(self, key: str, description: str, after_s: float = 5.0, interval_s: float = 5.0, clock=time.monotonic):
+        self.key, self.description, self.after_s, self.interval_s, self.clock = key, description, after_s, interval_s, clock
+        self.started = clock()
+        self.done = self.total = 0
+        self._artifact_id = None
+        self._last_push = float("-inf")
+        self._pushed = -1
+        self._failed = False
+
+    @property
+    def percent(self) -> float:
+        return round(100.0 * self.done / self.total, 2) if self.total else 0.0
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        now = self.clock()
+        if now - self.started >= self.after_s and now - self._last_push >= self.interval_s:
+            self._push()
+
+    def close(self) -> None:
+        if self._artifact_id is not None and self.done != self._pushed:
+            self._push()
+
+    def _push(self) -> None:
+        self._last_push = self.clock()
+        if self._failed:
+            return
+        try:
+            self._write()
+        except Exception as err:  # noqa: BLE001 — progress is never worth a run
+            self._failed = True
+            log.warning("could not update the %s progress artifact: %s", self.key, err)
+
+    def _write(self) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        text = f"{self.description}: {self.done}/{self.total}"
+        if self._artifact_id is None:
+            self._artifact_id = create_progress_artifact(self.percent, key=self.key, description=text)
+        else:
+            update_progress_artifact(self._artifact_id, self.percent, description=text)
+        self._pushed = self.done
 
 
 def _round(v: Any, digits: int = 5) -> Any:

@@ -420,10 +420,14 @@ def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, e
 
     logger = get_run_logger()
     child = start_child_run(experiment_id, parent_run_id, f"eval-{label}", tags={"ftflow.model_ref": model_ref})
+    from flows import monitor
+
+    progress = monitor.StageProgress(f"evaluation-progress-{label}", f"Scored inference of the {label} ({model_ref})")
     res = evaluate_model(
         model_ref, eval_jsonl, gen=cfg.eval.generation.model_dump(), batch_size=cfg.eval.batch_size,
-        max_samples=cfg.eval.max_samples, trust_remote_code=cfg.model.trust_remote_code,
+        max_samples=cfg.eval.max_samples, trust_remote_code=cfg.model.trust_remote_code, on_progress=progress.update,
     )
+    progress.close()
     log_eval_to_mlflow(res, child, label)
     if cfg.eval.mlflow_genai:
         log_genai_evaluation(res, child)  # per-example traces with assessments, in the child run

@@ -226,3 +226,24 @@ def test_a_registered_version_starts_the_evaluate_deployment_for_it(scenario):
     assert len(runs) == 1, runs
     assert runs[0]["parameters"]["model"] == f"models:/{MODEL}/{scenario['summary']['version']}"
     assert runs[0]["parameters"]["data"] == str(EVAL)
+
+
+def test_a_long_stage_progress_artifact_ends_at_100(scenario):
+    """StageProgress (scored inference) against the real server: created once the stage runs long
+    (here after 0 s), updated in place, 100 % at the end."""
+    from prefect import flow
+
+    from flows.monitor import StageProgress
+
+    @flow(name="stage-progress-check")
+    def scored() -> None:
+        p = StageProgress("evaluation-progress-challenger", "Scored inference", after_s=0.0, interval_s=0.0)
+        for done in range(1, 5):
+            p.update(done, 4)
+        p.close()
+
+    state = scored(return_state=True)
+    arts = _api("POST", "/artifacts/filter",
+                {"artifacts": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}, "limit": 10})
+    assert [(a["key"], a["type"], float(a["data"])) for a in arts] == [("evaluation-progress-challenger", "progress", 100.0)]
+    assert arts[0]["description"] == "Scored inference: 4/4"

@@ -151,3 +151,32 @@ def test_deploy_refuses_unknown_notification_settings():
     with pytest.raises(ValueError, match="choose from failed, promoted"):
         automation_specs(notify_block_id="00000000-0000-0000-0000-000000000001", notify_on=("failed", "registerd"))
     assert automation_specs() == []  # nothing is created unless asked for
+
+
+class RecordedStage(monitor.StageProgress):
+    def __init__(self, clock):
+        super().__init__("evaluation-progress-challenger", "eval", after_s=5.0, interval_s=5.0, clock=clock)
+        self.writes = []
+
+    def _write(self):
+        self.writes.append(self.percent)
+        self._artifact_id, self._pushed = "id", self.done
+
+
+def test_stage_progress_only_for_stages_that_take_a_while():
+    now = [0.0]
+    quick = RecordedStage(lambda: now[0])
+    for done in range(1, 5):
+        now[0] += 1.0
+        quick.update(done, 4)
+    quick.close()
+    assert quick.writes == []  # 4 s: no artifact at all
+
+    now = [0.0]
+    slow = RecordedStage(lambda: now[0])
+    for done in range(1, 21):
+        now[0] += 1.0
+        slow.update(done, 20)
+    slow.close()
+    assert slow.writes[0] == 25.0  # first write once 5 s have passed (5 of 20 done)
+    assert slow.writes[-1] == 100.0 and len(slow.writes) <= 5
