@@ -139,7 +139,11 @@ def _duration(s: float | None) -> str:
 
 class TrainingProgress:
     """Prefect artifacts that follow rank 0's progress lines. Create it in the task (its run
-    context is kept for the launcher's reader thread), `feed` it lines, `close()` it at the end."""
+    context is kept for the launcher's reader thread), `feed` it lines, `close()` it at the end.
+
+    Writes happen in the launcher's reader thread. A slow Prefect server delays only that thread
+    and torchrun's log-tailing thread behind it: the ranks write their output to files (torchrun
+    --tee), so they never wait on it, and the launcher's timeout watch runs in its own thread."""
 
     def __init__(self, description: str, interval_s: float = 5.0, clock=time.monotonic):
         self.description, self.interval_s, self.clock = description, interval_s, clock
