@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows import monitor
 from infra.local import configure_environment
 from tasks.registry import (
     PromotionRefused, current_user, manual_promotion_markdown, promotable_version, promote_version, rollback_champion,
@@ -51,6 +52,7 @@ def promote(model_name: str, version: Version, why: Why, force: bool = False, wh
     """Point `@champion` of `model_name` at `version`. Refused for an unscored version unless `force`."""
     r = promote_task(model_name, str(version), force=force, why=why, who=_who(who))
     create_markdown_artifact(key="manual-promotion", markdown=manual_promotion_markdown(r), description="Manual promotion")
+    monitor.model_promoted_by_hand(model_name, r)
     get_run_logger().info("%s: champion %s -> %s (%s)", model_name, r["previous_champion"], r["version"], why)
     return r
 
@@ -60,6 +62,7 @@ def rollback(model_name: str, why: Why, who: str | None = None) -> dict[str, Any
     """Move `@champion` of `model_name` back to the version the current champion replaced."""
     r = rollback_task(model_name, why=why, who=_who(who))
     create_markdown_artifact(key="rollback", markdown=rollback_markdown(r), description="Rollback")
+    monitor.model_rolled_back(model_name, r)
     get_run_logger().info("%s: champion %s -> %s (rollback: %s)", model_name, r["from"], r["to"], why)
     return r
 

@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +300,10 @@ def _finish(new_ids: list[int], stop: set[int], tokenizer) -> dict:
 
 
 def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: dict, batch_size: int,
-                   memory_bytes: int = EVAL_BATCH_BYTES) -> list[dict]:
-    """Replies to chat prompts, at most `batch_size` at a time, in input order.
+                   memory_bytes: int = EVAL_BATCH_BYTES,
+                   on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Replies to chat prompts, at most `batch_size` at a time, in input order; `on_progress(done,
+    total)` after each batch.
 
     Prompts are grouped by length (longest first) so a batch wastes little on padding, and left
     padded so generation continues from the same position in every row. A batch also holds no more
@@ -342,6 +344,8 @@ def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: di
         new = seqs[:, width:].tolist()  # (B, new tokens); finished rows are filled with pad_id
         for r, i in enumerate(rows):
             out[i] = _finish(new[r], stop, tokenizer)
+        if on_progress:
+            on_progress(start + len(rows), len(order))
     return out  # type: ignore[return-value]
 
 
@@ -507,15 +511,17 @@ def read_eval_jsonl(path: str | Path, max_samples: int | None = None) -> list[di
 
 
 def evaluate_model(model_ref: str, eval_jsonl: str | Path, *, gen: dict, batch_size: int = 32,
-                   max_samples: int | None = None, trust_remote_code: bool = False) -> EvalResult:
-    """Generate a reply for every eval prompt, score it, and compute the references' perplexity."""
+                   max_samples: int | None = None, trust_remote_code: bool = False,
+                   on_progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Generate a reply for every eval prompt, score it, and compute the references' perplexity.
+    `on_progress(done, total)` follows the generation, a batch at a time."""
     data = read_eval_jsonl(eval_jsonl, max_samples)
     model, tokenizer, _ = load_for_inference(model_ref, trust_remote_code=trust_remote_code)
     prompts = [r["messages"][:-1] for r in data]
     refs = [str(r["messages"][-1].get("content", "")) for r in data]
 
     t0 = time.perf_counter()
-    outs = generate_batch(model, tokenizer, prompts, gen, batch_size)
+    outs = generate_batch(model, tokenizer, prompts, gen, batch_size, on_progress=on_progress)
     gen_s = time.perf_counter() - t0
     nll, ntok = reference_nll(model, tokenizer, prompts, refs, batch_size)
 

@@ -150,9 +150,16 @@ def run_cached(stage, *args: Any) -> tuple[Any, bool]:
 
 @task(name="convert-data", cache_key_fn=_convert_cache_key, persist_result=True)
 def convert_data(cfg: PipelineConfig, out_dir: Path) -> DataOut:
-    from tasks.convert import convert_from_config
+    from flows import monitor
+    from tasks.convert import DataError, convert_from_config
 
-    res = convert_from_config(cfg, out_dir)
+    try:
+        res = convert_from_config(cfg, out_dir)
+    except DataError as err:
+        report = getattr(err, "report", None) or {}
+        if report.get("reject_fraction", 0) > cfg.data.max_reject_fraction:
+            monitor.data_rejected_over_limit(cfg.registry.model_name, report, cfg.data.max_reject_fraction, str(err))
+        raise
     return DataOut(str(res.train_path), str(res.eval_path), str(res.rejects_path), res.report)
 
 
@@ -310,10 +317,21 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
     child = start_child_run(experiment_id, parent_run_id, "train", tags={"ftflow.train_key": key})
     import os
 
+    from flows import monitor
+
     # Rank 0's lines arrive on the launcher's reader thread, outside the task's run context: the
     # adapter carries the run ids, so Prefect's API handler files them under this task run (without
     # them it warns "attempted to send logs to the API without a flow run id" for every line).
     rank0 = logging.LoggerAdapter(logging.getLogger("ftflow.rank0"), dict(getattr(logger, "extra", None) or {}))
+    progress = monitor.TrainingProgress(f"Training {cfg.name} ({cfg.train.mode})")
+
+    def on_line(line: str) -> None:
+        if monitor.PROGRESS_MARK in line:
+            progress.feed(line)
+        elif _shown_rank0_line(line):
+            rank0.info(_rank0_line(line))
+
+    stop_system_metrics = monitor.start_system_metrics(child, os.environ.get("MLFLOW_TRACKING_URI"))
     try:
         summary = run_training(
             train=cfg.train,
@@ -326,11 +344,18 @@ def train(cfg: PipelineConfig, tokens: TokensOut, base: BaseModel_, experiment_i
             mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
             mlflow_run_id=child,
             reference_inputs=tokens.reference_inputs,
-            on_line=lambda line: rank0.info(_rank0_line(line)) if _shown_rank0_line(line) else None,
+            on_line=on_line,
         )
-    except Exception:
+    except Exception as err:
+        monitor.training_failed(cfg.registry.model_name, err, train_dir=str(train_dir), mlflow_run_id=child)
         end_run(child, "FAILED")
         raise
+    finally:
+        stop_system_metrics()
+        progress.close()
+    if summary.get("reused"):
+        progress.reused(summary.get("global_step") or 0)
+        progress.close()
     if summary.get("resumed_from"):
         logger.info("resumed from %s", summary["resumed_from"])
     if summary.get("reused"):
@@ -388,6 +413,10 @@ def register(cfg: PipelineConfig, model_dir: str, fingerprint: str, parent_run_i
         "%s %s version %s (alias challenger)",
         "already registered:" if rv.existed else "registered", rv.name, rv.version,
     )
+    from flows import monitor
+
+    monitor.model_registered(rv.name, rv.version, model_uri=rv.model_uri, existed=rv.existed, run_id=parent_run_id,
+                             train_key=tags.get("ftflow.train_key"))
     return rv
 
 
@@ -415,10 +444,14 @@ def evaluate(cfg: PipelineConfig, model_ref: str, eval_jsonl: str, label: str, e
 
     logger = get_run_logger()
     child = start_child_run(experiment_id, parent_run_id, f"eval-{label}", tags={"ftflow.model_ref": model_ref})
+    from flows import monitor
+
+    progress = monitor.StageProgress(f"evaluation-progress-{label}", f"Scored inference of the {label} ({model_ref})")
     res = evaluate_model(
         model_ref, eval_jsonl, gen=cfg.eval.generation.model_dump(), batch_size=cfg.eval.batch_size,
-        max_samples=cfg.eval.max_samples, trust_remote_code=cfg.model.trust_remote_code,
+        max_samples=cfg.eval.max_samples, trust_remote_code=cfg.model.trust_remote_code, on_progress=progress.update,
     )
+    progress.close()
     log_eval_to_mlflow(res, child, label)
     if cfg.eval.mlflow_genai:
         with _stdout_to_log(logger):  # MLflow prints a colour-coded notice to stdout: into the log, as plain text
@@ -473,6 +506,9 @@ def promote(cfg: PipelineConfig, version, challenger: dict[str, Any], champion: 
         description="Promotion decision",
     )
     logger.info("promotion: %s — %s", promotion_verdict(decision), decision["reason"])
+    from flows import monitor
+
+    monitor.promotion_decided(version.name, version.version, decision, challenger["metrics"], champion["metrics"])
     return decision
 
 

@@ -321,9 +321,34 @@ def build_callbacks(job: Job, collator, trainable: int, total: int, recorded: di
                 shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in logs.items()}
                 log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
 
+    class ProgressLine(TrainerCallback):
+        """`FTFLOW_PROGRESS {json}` lines the launcher turns into the Prefect progress artifacts
+        (flows/monitor.py): where training begins (a resumed run: its checkpoint's step), every
+        optimizer step at most once a second and the last one, and every logging step's figures."""
+
+        def __init__(self):
+            self.last = 0.0
+
+        def _line(self, state, **extra):
+            log.info("FTFLOW_PROGRESS %s", json.dumps({"step": state.global_step, "max_steps": state.max_steps, **extra}))
+
+        def on_train_begin(self, args, state, control, **kw):
+            self._line(state, event="begin")
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.monotonic()
+            if now - self.last >= 1.0 or state.global_step >= state.max_steps:
+                self.last = now
+                self._line(state)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            keep = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch")
+            self._line(state, **{k: float(logs[k]) for k in keep if isinstance((logs or {}).get(k), (int, float))})
+
     callbacks = [CompletionMarker(), Throughput()]
     if rank() == 0:
         callbacks.append(LogLine())
+        callbacks.append(ProgressLine())
         if job.mlflow_run_id:
             callbacks.append(MlflowMetrics())
     return callbacks

@@ -86,8 +86,15 @@ def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(mode, tin
     assert (ckpts / "checkpoint-2" / "ftflow_complete.json").is_file()
     assert not (ckpts / "checkpoint-4" / "ftflow_complete.json").exists()
 
-    resumed = _train(train, tmp_path / "crashed", tiny_model_dir, dataset)
+    lines: list[str] = []
+    resumed = _train(train, tmp_path / "crashed", tiny_model_dir, dataset, on_line=lines.append)
     assert resumed["resumed_from"] == str(ckpts / "checkpoint-2") and resumed["global_step"] == STEPS
+    # the live progress (flows/monitor.py) of the resumed run begins at the checkpoint's step and ends at the last
+    from flows.monitor import parse_progress
+
+    progress = [p for p in map(parse_progress, lines) if p]
+    assert progress[0] == {"step": SAVE_EVERY, "max_steps": STEPS, "event": "begin"}
+    assert progress[-1]["step"] == STEPS
     straight = _train(train, tmp_path / "straight", tiny_model_dir, dataset)
     assert straight["resumed_from"] is None
 

@@ -120,6 +120,13 @@ def test_random_init_never_stops(tiny):
     assert [(o["stopped"], o["new_tokens"]) for o in out] == [(False, 5)] * 3
 
 
+def test_generation_reports_its_progress_a_batch_at_a_time(tiny):
+    model, tok = tiny
+    seen = []
+    out = generate_batch(model, tok, PROMPTS[:3], {"max_new_tokens": 2}, batch_size=2, on_progress=lambda d, t: seen.append((d, t)))
+    assert len(out) == 3 and seen == [(2, 3), (3, 3)]
+
+
 def test_stops_at_eos(eos_model):
     model, tok = eos_model
     out = generate_batch(model, tok, PROMPTS, {"max_new_tokens": 8}, batch_size=4)
