@@ -345,7 +345,7 @@ def generate_batch(model, tokenizer, prompts_messages: list[list[dict]], gen: di
         for r, i in enumerate(rows):
             out[i] = _finish(new[r], stop, tokenizer)
         if on_progress:
-            on_progress(start + len(rows), len(order))
+            on_progress(min(start, len(order)), len(order))  # `start` is already past this batch
     return out  # type: ignore[return-value]
 
 
