@@ -174,6 +174,12 @@ def export_dtype(final_dir: Path, requested: str = "auto") -> torch.dtype:
     return _PRECISION_DTYPE.get(precision, torch.float32)
 
 
+def _saved_names(name: str) -> tuple[str, ...]:
+    """The names peft's adapter file gives the module parameter `name` (adapter name dropped)."""
+    plain = name.replace(".modules_to_save.default.", ".").replace(".default", "")
+    return (plain, plain.removesuffix(".weight")) if "lora_magnitude_vector" in name else (plain,)
+
+
 def _adapter_model(final_dir: Path, base_path: str, trust_remote_code: bool):
     """The trained adapter in a PeftModel whose base is on the meta device (names and shapes, no
     memory): the LoRA tensors are real, the base weights are never loaded."""
@@ -197,8 +203,7 @@ def _adapter_model(final_dir: Path, base_path: str, trust_remote_code: bool):
     for name, p in model.named_parameters():
         if "lora_" not in name and ".modules_to_save." not in name:
             continue
-        saved = name.replace(".modules_to_save.default.", ".").replace(".default", "")
-        v = state.get(name, state.get(saved))
+        v = next((state[k] for k in (name, *_saved_names(name)) if k in state), None)
         if v is None:
             missing.append(name)
         elif tuple(v.shape) != tuple(p.shape):
@@ -209,7 +214,7 @@ def _adapter_model(final_dir: Path, base_path: str, trust_remote_code: bool):
         raise ConsolidationError(f"no LoRA tensors found in {final_dir}")
     if missing:
         raise ConsolidationError(f"the trained adapter lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    used = set(values) | {n.replace(".modules_to_save.default.", ".").replace(".default", "") for n in values}
+    used = set(values) | {k for n in values for k in _saved_names(n)}
     unexpected = sorted(set(state) - used)
     if unexpected:
         raise ConsolidationError(f"adapter tensors did not match the model: {unexpected[:3]}")
@@ -362,7 +367,10 @@ def consolidate(
         for extra in ("train_summary.json",):
             if (final_dir / extra).is_file():
                 shutil.copy2(final_dir / extra, tmp / extra)
-        (tmp / "ftflow_export.json").write_text(json.dumps({"mode": mode, "merged": merge, "source": str(final_dir)}))
+        written = {"mode": mode, "merged": merge, "source": str(final_dir)}
+        if merge and mode != "full":
+            written["dtype"] = str(export_dtype(final_dir, dtype)).removeprefix("torch.")
+        (tmp / "ftflow_export.json").write_text(json.dumps(written))
     log.info("exported %s model to %s", mode, out_dir)
     return out_dir
 
