@@ -5,7 +5,7 @@ bound itself is asserted by tests/integration/test_memory_bounds.py, which uses 
     python -m bench.bench_memory --shard-mib 64 --layers 24
 
 Three steps, each in a fresh process so its peak RSS is its own; the figure reported is the peak
-RSS (ru_maxrss) minus the RSS after every library the step uses is imported:
+RSS (VmHWM) minus the RSS after every library the step uses is imported:
 - consolidate: a LoRA run's adapter export (`consolidate(..., merge=False)`);
 - merge: the same run merged into the base and written as bf16 shards (`merge=True`);
 - register: the merged export logged and registered in MLflow (SQLite store) from its folder.
@@ -71,7 +71,7 @@ def build_lora_run(base: Path, final: Path, r: int = 8, precision: str = "bf16")
 
 
 _STEP = r"""
-import json, os, resource, sys
+import json, os, sys
 import psutil, torch, transformers, peft, safetensors.torch, mlflow, mlflow.transformers
 from tasks.consolidate import consolidate
 from tasks.registry import register_model
@@ -84,7 +84,8 @@ if step == "register":
     register_model(out, model_name="memory", run_id=run_id, fingerprint="f", tags={})
 else:
     consolidate(final, base, out, mode="lora", merge=step == "merge", max_shard_bytes=int(shard))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process image's own high-water mark (ru_maxrss would carry the parent's across exec)
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"baseline_rss": rss0, "peak_rss": peak, "delta": peak - rss0}))
 """
 
