@@ -233,6 +233,10 @@ def _base_files(base_path: str) -> dict[str, Path]:
     return files
 
 
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "BOOL": torch.bool}
+
+
 class _MergedTensor:
     """One tensor of the merged model, read and merged only when its output shard is written
     (`write_sharded_safetensors` calls `.contiguous()`): base (or its trained `modules_to_save`
@@ -246,8 +250,8 @@ class _MergedTensor:
             self.shape = tuple(sl.get_shape())
             stored = sl.get_dtype()
         self.file, self.key, self.lora, self.replacement = file, key, lora, replacement
-        floating = stored in ("F64", "F32", "BF16", "F16")
-        self.dtype = dtype if floating else {"I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}.get(stored, torch.int64)
+        self.cast = stored in ("F64", "F32", "BF16", "F16")  # integer buffers keep their dtype
+        self.dtype = dtype if self.cast else _SAFETENSORS_DTYPES[stored]
 
     def contiguous(self) -> torch.Tensor:
         from safetensors import safe_open
@@ -261,7 +265,7 @@ class _MergedTensor:
             a, b, scaling, fan_in_fan_out = self.lora
             delta = (b.detach().float() @ a.detach().float()) * scaling
             w = w.float() + (delta.T if fan_in_fan_out else delta)
-        return w.to(self.dtype).contiguous()
+        return (w.to(self.dtype) if self.cast else w).contiguous()
 
 
 def _streaming_plan(model, config, base_files: dict[str, Path], dtype: torch.dtype) -> dict[str, _MergedTensor] | str:
