@@ -393,10 +393,7 @@ def main(job_path: str) -> int:
     # Final state: a ZeRO checkpoint for the consolidate stage (or a plain state dict without DeepSpeed).
     final = out / "final"
     if trainer.is_deepspeed_enabled:
-        # LoRA / Q-LoRA: the frozen base is not saved (as the Trainer's own PEFT checkpoints do); the
-        # export reads the base from its own folder, so `final/` holds only the trained tensors.
-        peft = t["mode"] in ("lora", "qlora")
-        trainer.model_wrapped.save_checkpoint(str(final), tag="final", exclude_frozen_parameters=peft)
+        trainer.model_wrapped.save_checkpoint(str(final), tag="final")
     elif rank() == 0:
         trainer.save_model(str(final))
     if rank() == 0 and t["mode"] in ("lora", "qlora"):

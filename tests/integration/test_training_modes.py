@@ -151,16 +151,6 @@ def test_lora_zero3_two_ranks_exports_complete_adapter_and_merged_model(setup, t
     s = train(setup, tmp_path, mode="lora", deepspeed="configs/deepspeed/zero3.json", nproc_per_node=2,
               lora={"r": 4, "alpha": 8, "dropout": 0.0, "merge": True})
     ref = reference(s["final_dir"])
-    # final/ holds no copy of the frozen base (as the Trainer's PEFT checkpoints): the module states
-    # hold LoRA tensors only, no frozen fragments, and all of final/ is smaller than the base's weights
-    tag = Path(s["final_dir"]) / "final"
-    for f in tag.glob("*model_states.pt"):
-        states = torch.load(f, map_location="cpu", weights_only=False)
-        assert all("lora_" in k for k in states["module"]), f
-        assert not states.get("frozen_param_shapes") and not states.get("frozen_param_fragments"), f
-    base_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    final_bytes = sum(f.stat().st_size for f in Path(s["final_dir"]).rglob("*") if f.is_file())
-    assert final_bytes < base_bytes / 2, (final_bytes, base_bytes)
     out = consolidate(s["final_dir"], model_dir, tmp_path / "export", mode="lora", merge=True)
 
     # merged full model at the root
