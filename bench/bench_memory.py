@@ -8,7 +8,8 @@ Three steps, each in a fresh process so its peak RSS is its own; the figure repo
 RSS (VmHWM) minus the RSS after every library the step uses is imported:
 - consolidate: a LoRA run's adapter export (`consolidate(..., merge=False)`);
 - merge: the same run merged into the base and written as bf16 shards (`merge=True`);
-- register: the merged export logged and registered in MLflow (SQLite store) from its folder.
+- register: the merged export logged and registered in MLflow (SQLite store) from its folder;
+- register_adapter: the adapter export registered (still loads the base once: recorded, not bounded).
 A whole-model approach needs at least the fp32 model (4 bytes a parameter); these stay near a few
 output shards plus the largest tensor in fp32. Results go to bench/results/memory.json.
 """
@@ -79,9 +80,11 @@ step, base, final, out, shard, tracking = sys.argv[1:7]
 rss0 = psutil.Process().memory_info().rss
 if step == "register":
     mlflow.set_tracking_uri(tracking)
-    exp = mlflow.MlflowClient().create_experiment("memory")
-    run_id = mlflow.MlflowClient().create_run(exp).info.run_id
-    register_model(out, model_name="memory", run_id=run_id, fingerprint="f", tags={})
+    client = mlflow.MlflowClient()
+    known = client.get_experiment_by_name("memory")
+    exp = known.experiment_id if known else client.create_experiment("memory")
+    run_id = client.create_run(exp).info.run_id
+    register_model(out, model_name="memory", run_id=run_id, fingerprint=os.path.basename(out), tags={})
 else:
     consolidate(final, base, out, mode="lora", merge=step == "merge", max_shard_bytes=int(shard))
 # VmHWM: this process image's own high-water mark (ru_maxrss would carry the parent's across exec)
@@ -108,6 +111,9 @@ def run(root: Path, shard_bytes: int, **shape) -> dict:
     figures["merge"] = measure("merge", root / "base", root / "final", root / "merged", shard_bytes)
     figures["register"] = measure("register", root / "base", root / "final", root / "merged", shard_bytes,
                                   f"sqlite:///{root / 'mlflow.db'}")
+    # an adapter version still loads base + adapter once (MLflow's PEFT logging needs the model): recorded, not bounded
+    figures["register_adapter"] = measure("register", root / "base", root / "final", root / "adapter", shard_bytes,
+                                          f"sqlite:///{root / 'mlflow.db'}")
     return figures
 
 
@@ -124,7 +130,7 @@ def main() -> None:
     m = figures["model"]
     sys.stdout.write(f"model: {m['parameters'] / 1e6:.0f}M parameters, fp32 {m['fp32_bytes'] / MIB:.0f} MiB, "
                      f"largest tensor fp32 {m['largest_tensor_fp32_bytes'] / MIB:.0f} MiB, shards {a.shard_mib} MiB\n")
-    for step in ("consolidate", "merge", "register"):
+    for step in ("consolidate", "merge", "register", "register_adapter"):
         f = figures[step]
         sys.stdout.write(f"{step:12s} peak RSS over its imports: {f['delta'] / MIB:7.0f} MiB "
                          f"(process peak {f['peak_rss'] / MIB:.0f} MiB)\n")
