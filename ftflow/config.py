@@ -236,6 +236,13 @@ class RegistryConfig(_Section):
     experiment: str = Field("ftflow", description="MLflow experiment of the runs.")
 
 
+class ExportConfig(_Section):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of a merged LoRA export; auto: the training precision (bf16 runs export bf16, fp32 runs fp32).",
+    )
+
+
 class PromoteConfig(_Section):
     metric: Literal["exact_match", "char_f1"] = "exact_match"
     min_improvement: float = Field(0.0, description="Challenger must beat champion by more than this.")
@@ -252,6 +259,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     base_dir: str = Field(".", description="Folder that relative data paths are read from (the config's folder).")
 

@@ -9,7 +9,9 @@
   shape, `adapter_config.json` naming the base by path) for the un-quantised base.
   merge=False: the adapter folder IS the export root; `AutoModelForCausalLM.from_pretrained(export)`
   loads base + adapter through transformers' peft integration (the base path must still exist).
-  merge=True: the merged full model (`merge_and_unload`, fp32) at the root, the adapter in `adapter/`.
+  merge=True: the merged full model at the root, in the training dtype (`export.dtype` overrides),
+  written shard by shard from the base's safetensors (`merge_lora_streaming`), the adapter in `adapter/`.
+  Neither loads the base whole: peak memory is the adapter plus about one output shard.
 
 The folder also carries the tokenizer with the chat template used in training and a generation
 config whose eos ids include the end-of-turn token and whose pad id is the pad token. It is built
@@ -158,44 +160,186 @@ def export_full(final_dir: Path, base_path: str, out: Path, *, trust_remote_code
     write_sharded_safetensors(keep, out, max_shard_bytes)
 
 
-def export_lora(final_dir: Path, base_path: str, out: Path, *, merge: bool, trust_remote_code: bool = False) -> None:
-    """LoRA / Q-LoRA: the adapter (every tensor at full shape) for the un-quantised base.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    Layout: merge=False puts the adapter folder at the root of `out` (adapter_config.json names the
-    base by path, so `AutoModelForCausalLM.from_pretrained(out)` loads base + adapter through peft);
-    merge=True puts the merged full model at the root and the adapter in `out/adapter/`.
-    """
-    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
+
+def export_dtype(final_dir: Path, requested: str = "auto") -> torch.dtype:
+    """The dtype of a merged export: `requested` (`export.dtype`), or with `auto` the training's
+    precision as `train_summary.json` records it (bf16 runs export bf16; fp32 when unrecorded)."""
+    if requested != "auto":
+        return DTYPES[requested]
+    summary = final_dir / "train_summary.json"
+    precision = json.loads(summary.read_text()).get("precision", "fp32") if summary.is_file() else "fp32"
+    return _PRECISION_DTYPE.get(precision, torch.float32)
+
+
+def _saved_names(name: str) -> tuple[str, ...]:
+    """The names peft's adapter file gives the module parameter `name` (adapter name dropped)."""
+    plain = name.replace(".modules_to_save.default.", ".").replace(".default", "")
+    return (plain, plain.removesuffix(".weight")) if "lora_magnitude_vector" in name else (plain,)
+
+
+def _adapter_model(final_dir: Path, base_path: str, trust_remote_code: bool):
+    """The trained adapter in a PeftModel whose base is on the meta device (names and shapes, no
+    memory): the LoRA tensors are real, the base weights are never loaded."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (final_dir / "adapter_config.json").is_file():
         raise ConsolidationError(f"{final_dir} has no adapter_config.json; it was not trained with train.mode=lora/qlora")
     peft_cfg = PeftConfig.from_pretrained(str(final_dir))
     peft_cfg.base_model_name_or_path = str(base_path)
-    state = trained_state_dict(final_dir, exclude_frozen=True)
-    adapter_state = {
-        k: v.contiguous() for k, v in state.items() if "lora_" in k or "modules_to_save" in k or "lora_magnitude" in k
-    }
-    if not adapter_state:
+    # Only the trained tensors: the adapter file a run without DeepSpeed saved, or the ZeRO state
+    # without its frozen parameters (LoRA and modules_to_save copies, under the module's own names).
+    state = materialise(trained_state_dict(final_dir, exclude_frozen=True))
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        model = PeftModel(base, peft_cfg)
+    # Each adapter parameter of the model, found under its module name (ZeRO state) or the name
+    # peft's adapter file gives it (adapter name and `modules_to_save.` dropped), then assigned.
+    values, missing = {}, []
+    for name, p in model.named_parameters():
+        if "lora_" not in name and ".modules_to_save." not in name:
+            continue
+        v = next((state[k] for k in (name, *_saved_names(name)) if k in state), None)
+        if v is None:
+            missing.append(name)
+        elif tuple(v.shape) != tuple(p.shape):
+            raise ConsolidationError(f"trained tensor {name} has shape {tuple(v.shape)}, the adapter expects {tuple(p.shape)}")
+        else:
+            values[name] = v
+    if not values:
         raise ConsolidationError(f"no LoRA tensors found in {final_dir}")
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model = PeftModel(base, peft_cfg)
-    result = set_peft_model_state_dict(model, _normalise_adapter_keys(adapter_state))
-    if result.unexpected_keys:
-        raise ConsolidationError(f"adapter tensors did not match the model: {result.unexpected_keys[:3]}")
-    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
     if missing:
         raise ConsolidationError(f"the trained adapter lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    used = set(values) | {k for n in values for k in _saved_names(n)}
+    unexpected = sorted(set(state) - used)
+    if unexpected:
+        raise ConsolidationError(f"adapter tensors did not match the model: {unexpected[:3]}")
+    model.load_state_dict(values, strict=False, assign=True)  # assign: real tensors replace the meta ones
+    return model, config
+
+
+def _base_files(base_path: str) -> dict[str, Path]:
+    """Tensor name -> safetensors file of the base model folder ({} when it has none)."""
+    from safetensors import safe_open
+
+    files: dict[str, Path] = {}
+    for f in sorted(Path(base_path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            files.update(dict.fromkeys(h.keys(), f))
+    return files
+
+
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "BOOL": torch.bool}
+
+
+class _MergedTensor:
+    """One tensor of the merged model, read and merged only when its output shard is written
+    (`write_sharded_safetensors` calls `.contiguous()`): base (or its trained `modules_to_save`
+    copy) + scaling * B @ A, computed in fp32 and cast to the export dtype."""
+
+    def __init__(self, file: Path, key: str, dtype: torch.dtype, lora=None, replacement=None):
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as h:
+            sl = h.get_slice(key)
+            self.shape = tuple(sl.get_shape())
+            stored = sl.get_dtype()
+        self.file, self.key, self.lora, self.replacement = file, key, lora, replacement
+        self.cast = stored in ("F64", "F32", "BF16", "F16")  # integer buffers keep their dtype
+        self.dtype = dtype if self.cast else _SAFETENSORS_DTYPES[stored]
+
+    def contiguous(self) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if self.replacement is not None:
+            w = self.replacement.detach()
+        else:
+            with safe_open(str(self.file), "pt") as h:
+                w = h.get_tensor(self.key)
+        if self.lora is not None:  # (out, in) += scaling * (out, r) @ (r, in), transposed for Conv1D-style layers
+            a, b, scaling, fan_in_fan_out = self.lora
+            delta = (b.detach().float() @ a.detach().float()) * scaling
+            w = w.float() + (delta.T if fan_in_fan_out else delta)
+        return (w.to(self.dtype) if self.cast else w).contiguous()
+
+
+def _streaming_plan(model, config, base_files: dict[str, Path], dtype: torch.dtype) -> dict[str, _MergedTensor] | str:
+    """Output name -> lazy merged tensor, or the reason the adapter cannot be merged tensor by tensor."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    if not base_files:
+        return "the base folder holds no *.safetensors"
+    prefix = "base_model.model."
+    lora: dict[str, tuple] = {}
+    replace: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        short = name[len(prefix):] if name.startswith(prefix) else name
+        if isinstance(module, ModulesToSaveWrapper):
+            for pname, p in module.modules_to_save["default"].named_parameters():
+                replace[f"{short}.{pname}"] = p
+        elif isinstance(module, LoraLayer):
+            if type(module) is not LoraLinear:
+                return f"{name} is a {type(module).__name__} LoRA layer (only nn.Linear layers merge tensor by tensor)"
+            if module.use_dora.get("default"):
+                return "DoRA (use_dora) adapters"
+            lora[f"{short}.weight"] = (module.lora_A["default"].weight, module.lora_B["default"].weight,
+                                       module.scaling["default"], module.fan_in_fan_out)
+    missing = [k for k in [*lora, *replace] if k not in base_files]
+    if missing:
+        return f"{missing[0]} is not stored in the base folder (tied weights?)"
+    if getattr(config, "tie_word_embeddings", False):
+        tied = [k for k in [*lora, *replace] if k.startswith(("lm_head.", "model.embed_tokens."))]
+        if tied:
+            return f"{tied[0]} is tied to another weight"
+    return {k: _MergedTensor(f, k, dtype, lora.get(k), replace.get(k)) for k, f in base_files.items()}
+
+
+def merge_lora_streaming(model, config, base_path: str, out: Path, dtype: torch.dtype,
+                         max_shard_bytes: int = 2 << 30) -> bool:
+    """Write base + adapter merged, shard by shard, in `dtype`; False (nothing written) when the
+    adapter needs peft's in-memory merge (`_streaming_plan` says why).
+
+    Peak memory: the adapter, one output shard (`max_shard_bytes`) and one tensor in fp32 while it is
+    merged; the base is read one tensor at a time from its safetensors files."""
+    plan = _streaming_plan(model, config, _base_files(base_path), dtype)
+    if isinstance(plan, str):
+        log.warning("merging in memory (the whole base model is loaded): %s", plan)
+        return False
+    config.dtype = dtype
+    config.save_pretrained(out)
+    write_sharded_safetensors(plan, out, max_shard_bytes)
+    return True
+
+
+def export_lora(final_dir: Path, base_path: str, out: Path, *, merge: bool, trust_remote_code: bool = False,
+                dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 << 30) -> None:
+    """LoRA / Q-LoRA: the adapter (every tensor at full shape) for the un-quantised base.
+
+    Layout: merge=False puts the adapter folder at the root of `out` (adapter_config.json names the
+    base by path, so `AutoModelForCausalLM.from_pretrained(out)` loads base + adapter through peft);
+    merge=True puts the merged full model (in `dtype`) at the root and the adapter in `out/adapter/`.
+    The base is never loaded whole: the adapter is saved from a meta-device base, and the merge
+    streams the base's safetensors tensor by tensor (`merge_lora_streaming`), except for the layer
+    kinds it does not cover (DoRA, embedding/conv LoRA, tied targets), which peft merges in memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model, config = _adapter_model(final_dir, base_path, trust_remote_code)
     adapter_dir = out / "adapter" if merge else out
     model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    if merge:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
+    if merge and not merge_lora_streaming(model, config, base_path, out, dtype, max_shard_bytes):
+        from peft import PeftModel
 
-
-def _normalise_adapter_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`set_peft_model_state_dict` wants keys without the adapter name ('.default')."""
-    return {k.replace(".default.", ".").replace(".default", ""): v for k, v in state.items()}
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().to(dtype)
+        merged.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_bytes)
 
 
 def consolidate(
@@ -207,6 +351,8 @@ def consolidate(
     chat_template: str | None = None,
     merge: bool = False,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
+    max_shard_bytes: int = 2 << 30,
 ) -> Path:
     """Write the Hugging Face folder for the training in `final_dir` to `out_dir` (atomically)."""
     final_dir, out_dir = Path(final_dir), Path(out_dir)
@@ -217,14 +363,18 @@ def consolidate(
         return out_dir
     with atomic_dir(out_dir) as tmp:
         if mode == "full":
-            export_full(final_dir, base_model_path, tmp, trust_remote_code=trust_remote_code)
+            export_full(final_dir, base_model_path, tmp, trust_remote_code=trust_remote_code, max_shard_bytes=max_shard_bytes)
         else:
-            export_lora(final_dir, base_model_path, tmp, merge=merge, trust_remote_code=trust_remote_code)
+            export_lora(final_dir, base_model_path, tmp, merge=merge, trust_remote_code=trust_remote_code,
+                        dtype=export_dtype(final_dir, dtype), max_shard_bytes=max_shard_bytes)
         _save_tokenizer_and_generation(base_model_path, tmp, chat_template, trust_remote_code)
         for extra in ("train_summary.json",):
             if (final_dir / extra).is_file():
                 shutil.copy2(final_dir / extra, tmp / extra)
-        (tmp / "ftflow_export.json").write_text(json.dumps({"mode": mode, "merged": merge, "source": str(final_dir)}))
+        written = {"mode": mode, "merged": merge, "source": str(final_dir)}
+        if merge and mode != "full":
+            written["dtype"] = str(export_dtype(final_dir, dtype)).removeprefix("torch.")
+        (tmp / "ftflow_export.json").write_text(json.dumps(written))
     log.info("exported %s model to %s", mode, out_dir)
     return out_dir
 

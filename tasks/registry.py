@@ -29,6 +29,7 @@ All calls use the tracking URI in the environment (`infra.local.configure_enviro
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -341,6 +342,7 @@ def register_model(
         return RegisteredVersion(model_name, str(existing.version), existing.run_id or "", True,
                                  f"models:/{model_name}/{existing.version}")
 
+    import torch
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -368,17 +370,18 @@ def register_model(
         extra = {"base_model_path": base.local_dir}
         requirements.append(f"peft=={peft_version}")
     else:
-        # The folder-path form of log_model breaks on transformers 5 (MLflow 3.17 reads pipeline
-        # classes that are now lazy strings), so the model is loaded and logged as components.
-        # dtype="auto" keeps the dtype the folder was saved in.
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-        extra = {}
+        # Full and merged models are logged from the folder itself: MLflow copies the files and never
+        # loads the weights (a 70B export is not read into memory a second time). The dtype the
+        # folder was saved in is what pyfunc loads it back in.
+        model = str(model_dir)
+        saved_dtype = json.loads((model_dir / "config.json").read_text()).get("dtype")
+        extra = {"torch_dtype": getattr(torch, saved_dtype)} if saved_dtype in ("float32", "bfloat16", "float16") else {}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with _InRun(run_id):
+    with _InRun(run_id), _pipeline_classes_resolved():
         if kind == "merged":  # logged before the version exists: a failure here leaves no version behind
             ref_tags[TAG_ADAPTER_URI] = _log_adapter_artifact(model_dir / "adapter", tokenizer, base, run_id)
         info = mlflow.transformers.log_model(
-            {"model": model, "tokenizer": tokenizer},
+            model if isinstance(model, str) else {"model": model, "tokenizer": tokenizer},
             name="model",
             task="llm/v1/chat",  # pyfunc takes OpenAI-style chat input and applies the chat template
             input_example=CHAT_INPUT_EXAMPLE,
@@ -409,6 +412,33 @@ def register_model(
     call_with_retry(client.set_registered_model_alias, model_name, CHALLENGER, mv.version)
     log.info("registered %s version %s (%s export, alias %s)", model_name, mv.version, kind, CHALLENGER)
     return RegisteredVersion(model_name, str(mv.version), run_id, False, f"models:/{model_name}/{mv.version}")
+
+
+@contextlib.contextmanager
+def _pipeline_classes_resolved():
+    """MLflow 3.17's folder form of `log_model` reads `pipelines.check_task(task)[1]["impl"].__name__`,
+    but transformers 5 names the pipeline class by a dotted string
+    ('transformers.pipelines.text_generation.TextGenerationPipeline'). For the duration of the call,
+    `check_task` answers with the class itself; everything else about it is unchanged."""
+    import importlib
+
+    from transformers import pipelines
+
+    original = pipelines.check_task
+
+    def check_task(task):
+        name, meta, options = original(task)
+        impl = meta.get("impl")
+        if isinstance(impl, str):
+            module, _, cls = impl.rpartition(".")
+            meta = {**meta, "impl": getattr(importlib.import_module(module), cls)}
+        return name, meta, options
+
+    pipelines.check_task = check_task
+    try:
+        yield
+    finally:
+        pipelines.check_task = original
 
 
 def _log_adapter_artifact(adapter_dir: Path, tokenizer, base: BaseModelRef | None, run_id: str) -> str:

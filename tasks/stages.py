@@ -385,10 +385,11 @@ def consolidate(cfg: PipelineConfig, trained: dict[str, Any], base: BaseModel_, 
     from tasks.consolidate import consolidate as export, verify_export
 
     logger = get_run_logger()
-    out = Path(trained["train_dir"]) / "export"
+    # export.dtype is not part of the training's key: a different one gets its own folder
+    out = Path(trained["train_dir"]) / ("export" if cfg.export.dtype == "auto" else f"export-{cfg.export.dtype}")
     export(
         trained["final_dir"], base.path, out, mode=cfg.train.mode, chat_template=tokens.template_text,
-        merge=cfg.train.lora.merge, trust_remote_code=cfg.model.trust_remote_code,
+        merge=cfg.train.lora.merge, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.export.dtype,
     )
     diff = verify_export(out, trained["final_dir"], tokens.reference_inputs)
     if diff is not None:
