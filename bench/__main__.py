@@ -13,6 +13,7 @@ Parts (each also runs alone as `python -m bench.bench_X`, see its docstring):
 - pipeline: (process wall - stage compute) / process wall of `ftflow run configs/demo.yaml`.
 Not in the default suite (micro-benchmarks of one function, not a product path; `--only` runs them):
 - convert: the data stage's rows/s and peak RSS; kernels: torch.compile, bf16, chunked loss;
+- memory: peak RSS of the LoRA export, streamed merge and registration on a 152M-parameter model;
 - gpu: `bench.gpu`, the real launcher and worker on a Qwen2.5-0.5B-shaped full fine-tune and a 7B-shaped
   LoRA slice, MFU (skipped with one line when there is no CUDA).
 Every part records the host's load (`bench/common.py`) and its table says LOADED HOST when other
@@ -41,6 +42,7 @@ PARTS = {  # part: (module, full-size args, quick args, result file)
     "convert": ("bench.bench_convert", [], ["--rows", "100000"], "convert.json"),
     "kernels": ("bench.bench_kernels", [], ["--repeats", "1", "--samples", "24", "--tokens", "1024"], "kernels.json"),
     "gpu": ("bench.gpu", [], ["--steps", "10"], "gpu.json"),
+    "memory": ("bench.bench_memory", [], [], "memory.json"),
 }
 DEFAULT = ("tokenize", "train", "inference", "pipeline")
 
