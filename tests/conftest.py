@@ -129,3 +129,18 @@ def qwen25_tiny_model_dir(tmp_path_factory) -> Path:
     from tests.realvocab import real_tiny_model_dir
 
     return real_tiny_model_dir(tmp_path_factory.mktemp("real-model"), "qwen2.5")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Prefect's console log handlers keep the stream pytest captured when they were made; at
+    interpreter exit Prefect stops its temporary server and logs that to the closed stream
+    ("--- Logging error --- ... I/O operation on closed file"). Hand them the real stderr."""
+    import logging
+    import sys
+
+    loggers = [logging.getLogger()] + [x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            console = getattr(handler, "console", None)
+            if console is not None and hasattr(console, "file"):
+                console.file = sys.__stderr__
