@@ -277,10 +277,10 @@ def test_readme_ftflow_examples_parse():
         text = block.replace("\\\n", " ")
         for ln in text.splitlines():
             ln = ln.split(" #", 1)[0].strip()
-            m = re.match(r"^(?:\.venv/bin/)?ftflow (.*)$", ln)
+            m = re.match(r"^(?:[A-Z_]+=\S+\s+)*(?:\.venv/bin/)?ftflow (.*)$", ln)  # FTFLOW_HOME=... ftflow run ...
             if m and "[" not in ln and "|" not in ln:
                 examples.append(shlex.split(m.group(1)))
-    assert len(examples) >= 3, examples  # the seed re-run and the two multi-node lines at least
+    assert len(examples) >= 3, examples  # the seed re-run and the Ray cluster / Slurm lines at least
     for argv in examples:
         build_parser().parse_args(argv)
 
