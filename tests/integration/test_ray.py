@@ -48,11 +48,13 @@ def cluster():
     old = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     args = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20}
+    # Processes that other tests left running on purpose (a session-wide service stack) are not the cluster's.
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     c = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False})
     try:
         c.add_node(**args)
         c.wait_for_nodes()
-        started = psutil.Process().children(recursive=True)
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         assert len({n.unique_id for n in c.list_all_nodes()}) == 2
         yield c
     finally:
