@@ -466,7 +466,7 @@ def _run_training_locked(
     ckpt_root = train_dir / "checkpoints"
     for p in clean_partial_checkpoints(ckpt_root):
         log.warning("removed incomplete checkpoint %s", p)
-    resume = latest_complete_checkpoint(ckpt_root)
+    resume = latest_complete_checkpoint(ckpt_root, train.max_steps)
     job = Job(
         model_path=model_path,
         dataset_path=dataset_path,

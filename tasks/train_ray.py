@@ -314,7 +314,7 @@ def prepare_attempt(job_path: Path) -> Path:
     ckpt_root = Path(job.output_dir) / "checkpoints"
     for p in clean_partial_checkpoints(ckpt_root):
         log.warning("removed incomplete checkpoint %s", p)
-    resume = latest_complete_checkpoint(ckpt_root)
+    resume = latest_complete_checkpoint(ckpt_root, job.train["max_steps"])
     job.resume_from = str(resume) if resume else None
     attempt = job_path.with_name("job-attempt.json")
     tmp = attempt.with_suffix(".tmp")

@@ -176,11 +176,19 @@ def is_complete_checkpoint(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
-def latest_complete_checkpoint(ckpt_root: Path) -> Path | None:
-    """Newest `checkpoint-N` folder that carries the completion marker; partial ones are ignored."""
+def latest_complete_checkpoint(ckpt_root: Path, max_steps: int = -1) -> Path | None:
+    """Newest `checkpoint-N` folder that carries the completion marker; partial ones are ignored.
+
+    With `max_steps` > 0, a checkpoint at (or past) the last step is not a resume point: the
+    Trainer, resumed there, runs one more optimizer step before it checks `max_steps` (its loop
+    tests the limit after a step, and the epoch is not over when `max_steps` is not a multiple of
+    the epoch's steps). A run killed after that last checkpoint but before `final/` was complete
+    therefore resumes from the checkpoint before it, and ends on the same weights."""
     if not ckpt_root.is_dir():
         return None
     done = [p for p in ckpt_root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete_checkpoint(p)]
+    if max_steps > 0:
+        done = [p for p in done if int(p.name.split("-")[-1]) < max_steps]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -109,3 +110,26 @@ def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(mode, tin
 
     again = _train(train, tmp_path / "crashed", tiny_model_dir, dataset)  # final/ complete: reused
     assert again["reused"] is True
+
+
+def test_killed_after_the_last_checkpoint_resumes_without_an_extra_step(tiny_model_dir, dataset, tmp_path):
+    """Killed after checkpoint-6 (the last step) was complete but before final/ was: the Trainer,
+    resumed at max_steps, would train a 7th step (seen on CI through a late SIGKILL under Ray).
+    The run resumes from checkpoint-4 and ends on the uninterrupted run's weights."""
+    train = TrainConfig(
+        mode="full", deepspeed="configs/deepspeed/zero3.json", nproc_per_node=2, max_steps=STEPS,
+        micro_batch_size=4, learning_rate=1e-3, warmup_ratio=0.2, lr_scheduler="cosine",
+        save_steps=SAVE_EVERY, save_total_limit=3, logging_steps=1, seed=3, timeout_minutes=5,
+    )
+    straight = _train(train, tmp_path / "run", tiny_model_dir, dataset)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / f"checkpoint-{STEPS}" / "ftflow_complete.json").is_file()
+    before = materialise(trained_state_dict(Path(straight["final_dir"])))
+    shutil.rmtree(straight["final_dir"])  # the state a SIGKILL during the final save leaves
+
+    resumed = _train(train, tmp_path / "run", tiny_model_dir, dataset)
+    assert resumed["resumed_from"] == str(ckpts / f"checkpoint-{STEPS - SAVE_EVERY}")
+    assert resumed["global_step"] == STEPS and max(_losses(resumed)) == STEPS
+    after = materialise(trained_state_dict(Path(resumed["final_dir"])))
+    diff = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by {diff:.3e}"

@@ -37,6 +37,18 @@ def test_only_marked_checkpoints_count(tmp_path):
     assert latest_complete_checkpoint(tmp_path / "missing") is None
 
 
+def test_a_checkpoint_at_the_last_step_is_not_a_resume_point(tmp_path):
+    """The Trainer resumed at max_steps would run one step more (see test_resume.py)."""
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-6"  # epochs-based (-1): the end of an epoch
+    assert latest_complete_checkpoint(tmp_path, max_steps=6).name == "checkpoint-4"
+    assert latest_complete_checkpoint(tmp_path, max_steps=5).name == "checkpoint-4"
+    assert latest_complete_checkpoint(tmp_path, max_steps=7).name == "checkpoint-6"
+    assert latest_complete_checkpoint(tmp_path, max_steps=2) is None
+
+
 def test_deepspeed_batch_sizes_are_explicit():
     ds = json.loads((Path(__file__).resolve().parents[2] / "configs/deepspeed/zero3.json").read_text())
     t = TrainConfig(micro_batch_size=4, grad_accum=3).model_dump()
