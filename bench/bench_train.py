@@ -4,6 +4,7 @@ stage, on the same 2 ranks with the same DeepSpeed ZeRO-3 config (a benchmark, n
     python -m bench.bench_train                       # 1,024 samples, 3 repeats, every method
     python -m bench.bench_train --samples 128         # what `python -m bench --quick` runs
     python -m bench.bench_train --methods seed,ftflow --repeats 5
+    python -m bench.bench_train --methods ftflow --baseline 372304c^1   # vs the train stage of another commit
 
 Same for every method: the model (a 4-layer, 256-wide Qwen2 with the embedded tiny-qwen2's
 tokenizer, saved once with a fixed init; every method loads that folder), the data (`bench.workload`:
@@ -20,6 +21,9 @@ Methods, each a fresh command timed from start to exit:
 - trl_grouped: TRL `SFTTrainer` without packing, length-grouped batches, assistant-only loss;
 - ftflow: `tasks.train.run_training` (what `ftflow run` calls): torchrun, `tasks/train_worker.py`,
   batching=auto, checkpoints with completion markers, the final ZeRO checkpoint.
+- ftflow_base (with `--baseline REV`): the same, from the source of commit REV (`git archive`,
+  run with that tree first on the path), to check that a change of the train stage does not
+  regress it; ratios `ftflow_vs_ftflow_base` come per repeat, side by side in one run.
 Every method ends with a final ZeRO checkpoint; the bench gathers each with the consolidate stage's
 `trained_state_dict` and computes the held-out loss (per trained token, 32 other samples) with one
 function, so the losses are comparable. Figures: trained tokens/s over the process wall time and
@@ -42,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, build_deepspeed_ops, fmt, host, load_line, load_verdict, product_env, python, run_timed, shuffled, spread
+from bench.common import RESULTS, ROOT, build_deepspeed_ops, fmt, host, load_line, load_verdict, product_env, python, run_timed, shuffled, spread
 
 OUT = RESULTS / "train.json"
 MAX_LEN = 1024
@@ -129,6 +133,10 @@ def command(method: str, spec_path: Path) -> tuple[list[str], dict[str, str]]:
     env = product_env(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // RANKS)), PYTHONUNBUFFERED="1",
                       TOKENIZERS_PARALLELISM="false")
     if method == "ftflow":
+        return [python(), "-m", "bench.bench_train", "_ftflow", str(spec_path)], env
+    if method == "ftflow_base":  # the other commit's tree first on the path: its bench entry, tasks and worker
+        src = json.loads(spec_path.read_text())["baseline_src"]
+        env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]])
         return [python(), "-m", "bench.bench_train", "_ftflow", str(spec_path)], env
     # as the seeds and TRL's docs launch: torchrun, the same flags ftflow's launcher passes
     return [python(), "-m", "torch.distributed.run", f"--nproc-per-node={RANKS}", "--standalone",
@@ -227,15 +235,16 @@ def run_method(method: str, prep: dict, tmp: Path, k: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     micro = prep["trl_rows_per_rank"] if method == "trl_packed" else MICRO
-    spec = {"method": method, "out": str(out), "model_dir": prep["model_dir"], "dataset": prep["datasets"][method],
-            "pad": prep["pad"], "micro": micro, "deepspeed": deepspeed_config(micro)}
+    data_of = "ftflow" if method == "ftflow_base" else method
+    spec = {"method": method, "out": str(out), "model_dir": prep["model_dir"], "dataset": prep["datasets"][data_of],
+            "pad": prep["pad"], "micro": micro, "deepspeed": deepspeed_config(micro), "baseline_src": prep.get("baseline_src")}
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec))
     cmd, env = command(method, spec_path)
-    r = run_timed(cmd, env=env, cwd=tmp, timeout=3600)
+    r = run_timed(cmd, env=env, cwd=Path(prep["baseline_src"]) if method == "ftflow_base" else tmp, timeout=3600)
     s = json.loads((out / "summary.json").read_text())
-    final = Path(s["final_dir"]) if method == "ftflow" else out / "final"
-    trained = prep["trained_tokens"][method]
+    final = Path(s["final_dir"]) if method.startswith("ftflow") else out / "final"
+    trained = prep["trained_tokens"][data_of]
     r.update(steps=s["steps"], train_loss=round(s["train_loss"], 4), train_runtime_s=round(s["train_runtime_s"], 2),
              trained_tokens=trained, trained_tokens_per_s=round(trained / r["wall_s"], 1),
              loop_trained_tokens_per_s=round(trained / s["train_runtime_s"], 1),
@@ -258,10 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
     ap.add_argument("--seed", type=int, default=0, help="seed of the method order")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--baseline", metavar="REV", help="also run ftflow's train stage from the source of git commit REV "
+                                                       "(method ftflow_base), to measure a change side by side")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if set(methods) - set(METHODS) or not methods:
         ap.error(f"--methods: choose from {list(METHODS)}")
+    baseline = None
+    if args.baseline:
+        import subprocess
+
+        try:
+            baseline = subprocess.run(["git", "rev-parse", "--verify", args.baseline + "^{commit}"], cwd=ROOT,
+                                      capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError) as err:
+            ap.error(f"--baseline {args.baseline}: not a commit of this repository ({getattr(err, 'stderr', err)})")
+        methods.append("ftflow_base")
     if args.repeats < 3:
         ap.error("--repeats must be >= 3 (a median and a spread need three)")
     logging.basicConfig(level=logging.WARNING)
@@ -275,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ftflow-bench-train-") as tmp:
         tmp = Path(tmp)
         prep = prepare(args.samples, tmp)
+        if baseline:
+            import subprocess
+
+            src = tmp / f"baseline-{baseline[:10]}"
+            src.mkdir()
+            archive = subprocess.run(["git", "archive", "--format=tar", baseline], cwd=ROOT, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+            prep.update(baseline_src=str(src), baseline_commit=baseline)
         build_deepspeed_ops()
         for k in range(args.repeats):
             order = shuffled(methods, rng)
@@ -331,6 +360,7 @@ def summarize(args, argv, methods, failed, runs, orders, prep, t_start) -> dict:
         "command": "python -m bench.bench_train " + " ".join(argv), "samples": args.samples, "repeats": args.repeats, "repeats_done": min(len(runs[m]) for m in methods),
         "max_length": MAX_LEN, "ranks": RANKS, "micro_batch": MICRO, "trl_rows_per_rank": prep["trl_rows_per_rank"],
         "schedule": SCHEDULE, "model_shape": MODEL_SHAPE, "data": prep["data"], "orders": orders,
+        "baseline_commit": prep.get("baseline_commit"),
         "summary": summary, "ratios_per_repeat": ratios, "ratios": {k: spread(v, 2) for k, v in ratios.items()},
         "goals": goals, "failed": failed, "load": load_verdict([r for m in methods for r in runs[m]]), "host": host(),
         "seconds": round(time.perf_counter() - t_start, 1), "out": str(args.out), "runs": runs,
@@ -353,6 +383,8 @@ def format_table(r: dict) -> str:
                      f"{fmt(s['trained_tokens_per_s'], digits=0):>24}{fmt(s['loop_trained_tokens_per_s'], digits=0):>22}"
                      f"{fmt(s['held_out_loss'], digits=3):>26}{s['peak_rss_mb']['median']:>13.0f}")
     lines.append("")
+    if r.get("baseline_commit"):
+        lines.append(f"ftflow_base: the train stage of commit {r['baseline_commit'][:10]}, same settings")
     for k, v in r["ratios_per_repeat"].items():
         lines.append(f"{k:<30}{fmt(r['ratios'][k])}x   per repeat {v}")
     for m, err in r["failed"].items():
