@@ -437,8 +437,6 @@ def exclusive(lock_path: Path, waiting_for: str = "another run holds it") -> Ite
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-_exclusive = exclusive  # the name tests/unit/test_train_launcher.py uses
-
 
 def _run_training_locked(
     *,
