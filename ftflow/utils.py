@@ -37,6 +37,24 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def sha256_sources(*modules: str) -> str:
+    """Code identity of an artifact: the hash of the source files of `modules` (dotted names).
+
+    Used in the content keys instead of hand-bumped version numbers: any edit to a module that
+    determines an artifact gives the artifact a new key. Modules are found without being imported
+    (`importlib.util.find_spec`), so the key costs a few file reads.
+    """
+    import importlib.util
+
+    digests = {}
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not Path(spec.origin).is_file():
+            raise ModuleNotFoundError(f"no source file for module {name!r} (needed for a content key)")
+        digests[name.rsplit(".", 1)[-1]] = sha256_file(spec.origin)
+    return sha256_json(digests)
+
+
 def sha256_tree(path: str | Path) -> str:
     """Hash every file under `path` (names and bytes), in a stable order."""
     root = Path(path)

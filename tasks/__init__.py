@@ -1,1 +1,1 @@
-"""Pipeline stages. Each module holds plain, testable logic; `tasks.prefect_tasks` wraps them."""
+"""Pipeline stages. Each module holds plain, testable logic; `tasks.stages` wraps them as Prefect tasks."""

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
-from ftflow.utils import atomic_dir, sha256_file, state_dir
+from ftflow.utils import atomic_dir, sha256_file, sha256_json, sha256_sources, state_dir
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = ("tiny-qwen2",)
-BUILD_VERSION = "3"  # bump when the build below changes: it is part of the cache folder name
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -107,7 +107,8 @@ def embedded_model_dir(name: str) -> Path:
             f"unknown embedded model {EMBEDDED_PREFIX}{name!r}; choose one of "
             + ", ".join(EMBEDDED_PREFIX + m for m in EMBEDDED_MODELS)
         )
-    out = state_dir() / "models" / f"{name}-v{BUILD_VERSION}"
+    # The folder is named by the code that builds it (this module and the demo corpus), not a hand-bumped number.
+    out = state_dir() / "models" / f"{name}-{sha256_sources(__name__, 'ftflow.demo')[:12]}"
     if not (out / "model.safetensors").exists():
         log.info("building embedded base model %s into %s", name, out)
         with atomic_dir(out) as tmp:
@@ -182,12 +183,77 @@ def hub_model_problem(repo_id: str, revision: str | None = None) -> str | None:
             f"here ({why}) and the model is not in the local cache ({constants.HF_HUB_CACHE}). {download}.")
 
 
-def model_fingerprint(path: str) -> str:
-    """Content hash of a local model's weights + tokenizer (the hub id itself otherwise)."""
+# Files of a model folder that decide how text becomes tokens; each one present is hashed, byte for
+# byte, into every content key that depends on the tokenizer (tokenize, train).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def tokenizer_files(folder: Path, trust_remote_code: bool = False) -> list[Path]:
+    """The files of `folder` that define its tokenizer and chat template (with remote code: its .py files too)."""
+    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        files += sorted(p for p in extra.iterdir() if p.is_file())
+    if trust_remote_code:
+        files += sorted(folder.glob("*.py"))
+    return files
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
+    """(local snapshot folder, commit) of the hub model `repo_id` at `revision` (default branch: main).
+
+    With the hub reachable the revision is resolved to its commit (`model_info(...).sha`) and that
+    commit's tokenizer files are fetched into the Hugging Face cache; offline (or when the hub does
+    not answer) the cache alone decides: `models--org--name/refs/<revision>` names the commit and
+    `snapshots/<commit>/` holds its files. A folder is always one commit, never "whatever main is".
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    rev = revision or "main"
+    if not _offline() and not constants.HF_HUB_OFFLINE:
+        from huggingface_hub import HfApi, snapshot_download
+
+        try:
+            commit = HfApi().model_info(repo_id, revision=rev).sha
+            folder = snapshot_download(repo_id, revision=commit, allow_patterns=[
+                *TOKENIZER_FILES, "additional_chat_templates/*", "config.json", "*.py"])
+            return Path(folder), commit
+        except Exception as err:  # no network, hub down, gated: the local cache decides (or says what is missing)
+            log.warning("cannot resolve %s@%s on the hub (%s); using the local Hugging Face cache", repo_id, rev, err)
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    ref = storage / "refs" / rev
+    commit = rev if _COMMIT.fullmatch(rev) else (ref.read_text(encoding="utf-8").strip() if ref.is_file() else None)
+    folder = storage / "snapshots" / (commit or "?")
+    if not commit or not folder.is_dir():
+        raise FileNotFoundError(
+            f"model.name_or_path: {repo_id!r} (revision {rev}) is not in the Hugging Face cache ({storage}: no "
+            f"{'snapshots/' + commit if commit else 'refs/' + rev}). Download it where there is network "
+            f"(`hf download {repo_id}`) or point model.name_or_path at a local folder."
+        )
+    return folder, commit
+
+
+def model_fingerprint(path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """Content hash of a model: what a training on it depends on.
+
+    A local folder: its weights, config and tokenizer files (names and bytes). A hub id: the commit
+    it resolves to (which names the weights) plus the bytes of that snapshot's tokenizer files, so a
+    new upstream commit, or a tokenizer file changed in place in the cache, changes the fingerprint.
+    """
     p = Path(path)
     if not p.exists():
-        return path
+        folder, commit = hub_snapshot(path, revision)
+        return sha256_json({"hub": path, "commit": commit, "files": {
+            str(q.relative_to(folder)): sha256_file(q) for q in tokenizer_files(folder, trust_remote_code)}})
     files = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in {".json", ".safetensors", ".jinja", ".txt", ".model"})
+    if trust_remote_code:
+        files += sorted(p.glob("*.py"))
     import hashlib
 
     h = hashlib.sha256()

@@ -1644,3 +1644,22 @@ def convert_from_config(cfg, out_dir: str | Path) -> ConvertResult:
         max_reject_fraction=d.max_reject_fraction,
         objective=cfg.tokenize.objective,
     )
+
+
+def convert_key(cfg) -> str | None:
+    """The content key of what `convert_from_config` writes: input bytes, data settings, converter code.
+
+    None for an input that is not a local file or folder (a hub dataset can change under the same
+    name), which means: not cached. The Prefect task layer caches the data stage on this key."""
+    from ftflow.config import resolve_data_path
+    from ftflow.utils import sha256_file, sha256_json, sha256_sources, sha256_tree
+
+    digests: list[Any] = []
+    for split in (cfg.data.train, cfg.data.eval):
+        for inp in resolve_inputs([resolve_data_path(cfg, p) for p in split]):
+            if inp.path is None:
+                return None
+            digests.append([inp.label, sha256_tree(inp.path) if inp.path.is_dir() else sha256_file(inp.path)])
+        digests.append("|")
+    settings = cfg.data.model_dump(mode="json", exclude={"train", "eval"})
+    return sha256_json([digests, settings, cfg.tokenize.objective, sha256_sources(__name__)])

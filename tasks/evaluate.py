@@ -15,12 +15,11 @@ Replaces seed 004's loop (one `generate` per prompt, `[/INST]` string splitting)
 
 `python -m bench.bench_inference` compares this batched loop with seed 004's loop.
 
-Why not MLflow's GenAI evaluation API: `mlflow.genai.evaluate` does run offline with our own
-`@scorer` functions (checked on MLflow 3.17), but it writes one trace per row. On the SQLite store
-20 rows took 34 s and traces were dropped ("QueuePool limit ... reached"), and its scores are
-per-row means only (perplexity needs the model's logits, not the reply text). The legacy
-`mlflow.evaluate` works too but is deprecated for LLMs. So this stage computes the metrics itself
-and logs them with the per-example table (`log_table`, shown in the run's Artifacts view).
+Metrics are computed here (perplexity needs the model's logits, not only the reply text) and logged
+with the per-example table (`log_table`, the run's Artifacts view). The same per-example scores also
+go through MLflow's GenAI evaluation API (`log_genai_evaluation`: offline, our own `@scorer`
+functions over predictions already made; one trace with assessments per example, ~0.1 s an example
+on SQLite; `eval.mlflow_genai: false` skips it).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ from typing import Any, Iterator
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ftflow.config import PipelineConfig, resolve_data_path
-from ftflow.utils import PROJECT_ROOT, sha256_file, sha256_json, sha256_tree, state_dir
+from ftflow.config import PipelineConfig
+from ftflow.utils import sha256_json, state_dir
 
 GPU_LIMIT = "gpu"  # the global concurrency limit `make up` creates; FTFLOW_GPU_SLOTS sizes it
 
@@ -94,40 +94,32 @@ def prepare_base_model(cfg: PipelineConfig) -> BaseModel_:
             "tokenizer of %s has pad == eos (or no pad); padding is excluded by the attention mask and labels, "
             "and eos stays in the labels", cfg.model.name_or_path,
         )
-    fp = model_fingerprint(path)
+    fp = model_fingerprint(path, cfg.model.revision, cfg.model.trust_remote_code)
     logger.info("base model %s -> %s (fingerprint %s)", cfg.model.name_or_path, path, fp[:12])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return BaseModel_(path=path, fingerprint=fp, pad_token_id=pad, eos_token_id=tok.eos_token_id)
 
 
-def _code_hash(*modules: str) -> str:
-    return sha256_json([sha256_file(PROJECT_ROOT / "tasks" / f"{m}.py") for m in modules])
+# Content keys: each artifact has one, computed by its stage module; the Prefect cache uses it as is.
+#   converted data  tasks.convert.convert_key     input bytes, data settings, convert.py
+#   tokenized set   tasks.tokenize.tokenize_key   JSONL bytes, tokenizer files (hub id: resolved commit), settings, code
+#   training        tasks.train.train_key         tokenize key, model fingerprint, train settings, rank code
+#   export          tasks.consolidate             a folder inside the training's, named by export.dtype
 
 
 def _convert_cache_key(context, params: dict[str, Any]) -> str | None:
-    """Input bytes + data settings + converter code. None (no caching) for hub datasets, which can change."""
-    from tasks.convert import resolve_inputs
+    """None (no caching) for hub datasets, which can change."""
+    from tasks.convert import convert_key
 
-    cfg: PipelineConfig = params["cfg"]
-    digests = []
-    for split in (cfg.data.train, cfg.data.eval):
-        for inp in resolve_inputs([resolve_data_path(cfg, p) for p in split]):
-            if inp.path is None:
-                return None
-            digests.append([inp.label, sha256_tree(inp.path) if inp.path.is_dir() else sha256_file(inp.path)])
-        digests.append("|")
-    settings = cfg.data.model_dump(mode="json", exclude={"train", "eval"})
-    return "convert-" + sha256_json([digests, settings, cfg.tokenize.objective, _code_hash("convert")])
+    key = convert_key(params["cfg"])
+    return None if key is None else "convert-" + key
 
 
 def _tokenize_cache_key(context, params: dict[str, Any]) -> str:
-    """Canonical data bytes + base model fingerprint + tokenize settings + tokenizer code."""
-    cfg: PipelineConfig = params["cfg"]
-    base: BaseModel_ = params["base"]
-    return "tokenize-" + sha256_json([
-        sha256_file(params["train_jsonl"]), base.fingerprint, cfg.tokenize.model_dump(mode="json"),
-        cfg.model.revision, cfg.model.trust_remote_code, _code_hash("tokenize", "templates"),
-    ])
+    """The tokenized set's own folder key: a Prefect hit is a folder hit, never a stale one."""
+    from tasks.tokenize import tokenize_key
+
+    return "tokenize-" + tokenize_key(params["cfg"], params["train_jsonl"], params["base"].path)
 
 
 def _outputs_exist(result: Any) -> bool:

@@ -6,7 +6,8 @@ One call does the whole stage:
     load_from_disk(result.path)  # columns: id, input_ids (int32), labels (int64, -100 = not trained), length
 
 The output folder is named by a content key (JSONL bytes, tokenizer files, template text, every
-option that changes tokens, code version), so an unchanged input is a cache hit that does no work,
+option that changes tokens, the source of the modules that write them; a hub id is resolved to
+its commit and that snapshot's files are hashed), so an unchanged input is a cache hit that does no work,
 and a build that dies half-way leaves only a `.tmp-*` folder that is never mistaken for a hit.
 
 Masks come from the rendered text (see `tasks.templates`): the text is cut at the edges of its
@@ -48,24 +49,18 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftflow.utils import atomic_dir, sha256_file, sha256_json, state_dir
+from ftflow.utils import atomic_dir, sha256_file, sha256_json, sha256_sources, state_dir
+from tasks.base_model import TOKENIZER_FILES, hub_snapshot, tokenizer_files
 from tasks.encode_process import EncodeProcess, EncodeProcessError, find_malloc
 from tasks.templates import (BUILTIN_TEMPLATES, NotPrefixStable, Renderer, TemplateError, resolve_template,
                              special_tokens, trained_turns)
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_CODE_VERSION = "3"  # bump when the tokens or labels this module writes change
 IGNORE_INDEX = -100
 MULTI_TURN = ("auto", "split", "reject")  # tokenize.multi_turn
 CHUNK_ROWS = 1024  # rows rendered and encoded per batched tokenizer call
 ENCODE_PROCESS_MIN_BYTES = 2 << 20  # JSONL size from which the encode runs in a child on a faster malloc
-# Files that decide how text becomes tokens; each one present is part of the cache key.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-)
 _START, _END = itemgetter(0), itemgetter(1)
 
 
@@ -105,18 +100,22 @@ class _TokenizerFiles:
             self.chat_template = value
 
 
-def _tokenizer_fingerprint(tokenizer_path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
-    """Hash of the files that define the tokenizer (names and bytes)."""
+def code_identity() -> str:
+    """The code that decides the tokens and labels written: this module, the templates, the encoder child."""
+    pkg = __name__.rsplit(".", 1)[0]
+    return sha256_sources(__name__, f"{pkg}.templates", f"{pkg}.encode_process")[:16]
+
+
+def tokenizer_folder(tokenizer_path: str, revision: str | None = None) -> Path:
+    """The local folder whose files are the tokenizer: the folder itself, or a hub id's snapshot at its commit."""
     folder = Path(tokenizer_path)
-    if not folder.is_dir():
-        # A hub id: let transformers resolve it (from its cache when offline), then hash what it saves.
-        with tempfile.TemporaryDirectory(prefix="ftflow-tok-") as tmp:
-            load_tokenizer(tokenizer_path, revision=revision, trust_remote_code=trust_remote_code).save_pretrained(tmp)
-            return _tokenizer_fingerprint(tmp)
-    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
-    extra = folder / "additional_chat_templates"
-    if extra.is_dir():
-        files += sorted(p for p in extra.iterdir() if p.is_file())
+    return folder if folder.is_dir() else hub_snapshot(tokenizer_path, revision)[0]
+
+
+def _tokenizer_fingerprint(tokenizer_path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """Hash of the files that define the tokenizer (names and bytes); a hub id's are those of its resolved commit."""
+    folder = tokenizer_folder(tokenizer_path, revision)
+    files = tokenizer_files(folder, trust_remote_code)
     if not files:
         raise TokenizeError(f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     return sha256_json({str(p.relative_to(folder)): sha256_file(p) for p in files})
@@ -146,7 +145,7 @@ def cache_key(
         "max_length": int(max_length),
         "length_policy": length_policy,
         "multi_turn": multi_turn,
-        "code_version": TOKENIZE_CODE_VERSION,
+        "code": code_identity(),
     }
     return sha256_json(parts)[:32]
 
@@ -730,6 +729,31 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "stats.json").is_file() and (folder / "dataset" / "state.json").is_file()
 
 
+def _key_and_template(jsonl_path, tokenizer_path: str, *, template: str, objective: str, train_on: str, max_length: int,
+                      length_policy: str, revision: str | None, trust_remote_code: bool, multi_turn: str):
+    """(cache key, template text, the tokenizer if it had to be loaded to find the template, else None).
+
+    A hub id is read from its snapshot folder at the resolved commit (`tokenizer_folder`): the files
+    hashed into the key are the files the tokens are made from."""
+    folder = tokenizer_folder(tokenizer_path, revision)
+    tokenizer = None
+    if folder == Path(tokenizer_path) or (folder / "chat_template.jinja").is_file():
+        template_text = resolve_template(template, _TokenizerFiles(folder))  # cheap: no tokenizer load before a miss
+    else:  # a hub tokenizer may keep its template where only transformers looks (chat_template.json, ...)
+        tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+        template_text = resolve_template(template, tokenizer)
+    key = cache_key(jsonl_path, tokenizer_path, template_text, objective, train_on, max_length, length_policy,
+                    revision=revision, trust_remote_code=trust_remote_code, multi_turn=multi_turn)
+    return key, template_text, tokenizer
+
+
+def tokenize_key(cfg, jsonl_path: str | Path, model_path: str) -> str:
+    """The content key of the tokenized set `tokenize_from_config` makes: its cache folder's name.
+
+    The one key of this artifact: the Prefect task layer caches on it too (`tasks.stages.tokenize`)."""
+    return _key_and_template(Path(jsonl_path), model_path, **_options(cfg))[0]
+
+
 def tokenize_dataset(
     jsonl_path: str | Path,
     tokenizer_path: str,
@@ -758,14 +782,9 @@ def tokenize_dataset(
         raise TokenizeError(f"{jsonl_path} does not exist; it is the data stage's output (canonical JSONL), run that first")
     cache_root = Path(cache_root)
 
-    tokenizer = None
-    if Path(tokenizer_path).is_dir():  # cheap path: no tokenizer load before we know it is a miss
-        template_text = resolve_template(template, _TokenizerFiles(Path(tokenizer_path)))
-    else:
-        tokenizer = load_tokenizer(tokenizer_path, revision=revision, trust_remote_code=trust_remote_code)
-        template_text = resolve_template(template, tokenizer)
-    key = cache_key(jsonl_path, tokenizer_path, template_text, objective, train_on, max_length, length_policy,
-                    revision=revision, trust_remote_code=trust_remote_code, multi_turn=multi_turn)
+    key, template_text, tokenizer = _key_and_template(
+        jsonl_path, tokenizer_path, template=template, objective=objective, train_on=train_on, max_length=max_length,
+        length_policy=length_policy, revision=revision, trust_remote_code=trust_remote_code, multi_turn=multi_turn)
     final = cache_root / key
     read = {"jsonl": str(jsonl_path), "tokenizer": str(tokenizer_path), "key": key}
 
@@ -780,7 +799,7 @@ def tokenize_dataset(
 
     t0 = time.perf_counter()
     if tokenizer is None:
-        tokenizer = load_tokenizer(tokenizer_path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(str(tokenizer_folder(tokenizer_path, revision)), trust_remote_code=trust_remote_code)
     if template in BUILTIN_TEMPLATES:  # checks the special tokens a built-in writes against the real tokenizer
         resolve_template(template, tokenizer)
     builder = _Builder(tokenizer, template_text, objective, train_on, max_length, length_policy, jsonl_path, multi_turn)
@@ -799,7 +818,7 @@ def tokenize_dataset(
         "max_length": max_length,
         "length_policy": length_policy,
         "multi_turn": multi_turn,
-        "code_version": TOKENIZE_CODE_VERSION,
+        "code": code_identity(),
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         **builder.stats(),
@@ -834,11 +853,13 @@ def tokenize_dataset(
 
 def tokenize_from_config(cfg, jsonl_path: str | Path, model_path: str) -> TokenizeResult:
     """`tokenize_dataset` with the `tokenize` and `model` sections of a validated PipelineConfig."""
+    return tokenize_dataset(jsonl_path, model_path, cache_root=state_dir() / "cache" / "tokenized", **_options(cfg))
+
+
+def _options(cfg) -> dict[str, Any]:
+    """The `tokenize_dataset` options of a validated PipelineConfig (the key and the build read the same ones)."""
     t = cfg.tokenize
-    return tokenize_dataset(
-        jsonl_path,
-        model_path,
-        cache_root=state_dir() / "cache" / "tokenized",
+    return dict(
         template=t.template,
         objective=t.objective,
         train_on=t.train_on,

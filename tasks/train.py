@@ -41,12 +41,17 @@ from typing import IO, Any, Callable, Iterator
 import psutil
 
 from ftflow.config import TrainConfig, project_path
-from ftflow.utils import PROJECT_ROOT, sha256_json, state_dir
+from ftflow.utils import PROJECT_ROOT, sha256_json, sha256_sources, state_dir
 from tasks.train_worker import COMPLETE_MARKER, Job, is_complete_checkpoint, latest_complete_checkpoint
 
 log = logging.getLogger("ftflow.train")
 
-TRAIN_CODE_VERSION = "2"  # 2: LoRA finals carry adapter_config.json, Q-LoRA reference = un-quantised base
+
+def code_identity() -> str:
+    """The code that decides the trained weights and what the final folder holds: the rank recipe,
+    its collators and its loss. (An edit there starts a new training folder; the old one stays.)"""
+    pkg = __name__.rsplit(".", 1)[0]
+    return sha256_sources(f"{pkg}.train_worker", f"{pkg}.collate", f"{pkg}.loss")[:16]
 
 
 class TrainingFailed(RuntimeError):
@@ -68,7 +73,7 @@ def train_key(train: TrainConfig, dataset_key: str, model_fingerprint: str, temp
     if train.launcher == "ray":  # the world size and device kind; where and how it is scheduled are launch-only
         settings["ray"] = {"num_workers": train.ray.num_workers, "gpu": train.ray.resources_per_worker.get("GPU", 0) > 0}
     return sha256_json(
-        {"train": settings, "data": dataset_key, "model": model_fingerprint, "template": template_text, "v": TRAIN_CODE_VERSION}
+        {"train": settings, "data": dataset_key, "model": model_fingerprint, "template": template_text, "code": code_identity()}
     )[:16]
 
 
@@ -436,8 +441,6 @@ def exclusive(lock_path: Path, waiting_for: str = "another run holds it") -> Ite
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
-_exclusive = exclusive  # the name tests/unit/test_train_launcher.py uses
 
 
 def _run_training_locked(

@@ -169,8 +169,8 @@ def test_same_training_folder_is_never_used_by_two_runs_at_once(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from tasks.train import _exclusive
-        with _exclusive(Path({str(tmp_path)!r}) / ".train-x.lock"):
+        from tasks.train import exclusive
+        with exclusive(Path({str(tmp_path)!r}) / ".train-x.lock"):
             print("in", time.monotonic(), flush=True)
             time.sleep(2)
             print("out", time.monotonic(), flush=True)
